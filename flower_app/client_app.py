@@ -1,0 +1,158 @@
+"""ClientApp: a `NumPyClient` around the local PyTorch training in `flower_app.task`."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+from flwr.client import ClientApp, NumPyClient
+from flwr.common import ArrayRecord, Context, RecordDict, Scalar
+
+from flower_app.config import AppConfig, parse_run_config
+from flower_app.data import ClientData, client_data, label_counts
+from flower_app.task import (
+    NDArrays,
+    TrainOptions,
+    build_model,
+    evaluate,
+    full_gradient,
+    get_weights,
+    make_loader,
+    resolve_device,
+    set_weights,
+    train,
+    weight_spec,
+)
+from strategies import get_rule
+from strategies.compression import CompressionConfig, compress, wire_nbytes
+
+CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
+RESIDUAL_KEY = "compression-residual"  # what compression has not sent yet (error feedback)
+
+
+def compression_config(cfg: AppConfig) -> CompressionConfig:
+    return CompressionConfig(
+        codec=cfg.compression,
+        block_size=cfg.compression_block_size,
+        topk_fraction=cfg.topk_fraction,
+        error_feedback=cfg.error_feedback,
+    )
+
+
+def _load(state: RecordDict, key: str) -> NDArrays | None:
+    record = state.get(key)
+    return record.to_numpy_ndarrays() if isinstance(record, ArrayRecord) else None
+
+
+def _store(state: RecordDict, key: str, arrays: NDArrays | None) -> None:
+    if arrays is None:
+        if key in state:
+            del state[key]
+        return
+    state[key] = ArrayRecord(numpy_ndarrays=[np.ascontiguousarray(a) for a in arrays])
+
+
+class FlowerClient(NumPyClient):
+    """Trains the shared model on this node's data; sends weights, an update or a gradient."""
+
+    def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.state = state
+        self.rule = get_rule(cfg.strategy)
+        self.device = resolve_device(cfg.device)
+        self.model = build_model(cfg.model, data.info, cfg.hidden_size, seed=cfg.seed)
+        self.spec = weight_spec(self.model)
+        self.codec = compression_config(cfg)
+
+    def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
+        return get_weights(self.model, self.spec)
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        n = len(self.spec)
+        global_weights, control = parameters[:n], parameters[n:]
+        set_weights(self.model, self.spec, global_weights)
+        rnd = int(config.get("server-round", 0))
+        # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly.
+        seed = zlib.crc32(f"{self.cfg.seed}:{rnd}:{self.data.partition_id}".encode())
+        loader = make_loader(self.data.train.x, self.data.train.y, self.cfg.batch_size, shuffle=True, seed=seed)
+        metrics: dict[str, Scalar] = {}
+        extras: NDArrays = []
+        if self.rule.client_mode == "gradient":
+            payload, loss = self._gradient_payload(global_weights, loader)
+            metrics.update(train_loss=loss, local_steps=1)
+        else:
+            options = TrainOptions(
+                epochs=self.cfg.local_epochs,
+                learning_rate=self.cfg.learning_rate,
+                momentum=self.cfg.client_momentum,
+                weight_decay=self.cfg.weight_decay,
+                grad_accumulation_steps=self.cfg.grad_accumulation_steps,
+                proximal_mu=float(config.get("proximal-mu", 0.0)),
+            )
+            correction = self._scaffold_correction(control) if self.rule.scaffold else None
+            result = train(self.model, loader, self.data.info.task, options, self.device, correction)
+            new_weights = get_weights(self.model, self.spec)
+            if self.rule.scaffold:
+                extras = self._scaffold_control_delta(global_weights, new_weights, control, result.num_steps)
+            payload = [w - g for w, g in zip(new_weights, global_weights)] if self.cfg.send_delta else new_weights
+            metrics.update(train_loss=result.loss, local_steps=result.num_steps)
+            if result.accuracy is not None:
+                metrics["train_accuracy"] = result.accuracy
+        wire, residual = compress(payload, self.codec, _load(self.state, RESIDUAL_KEY))
+        _store(self.state, RESIDUAL_KEY, residual)
+        wire = wire + extras
+        metrics.update(
+            num_upload_bytes=wire_nbytes(wire),
+            data_partition=self.data.partition_id,
+            data_num_examples=len(self.data.train),
+            **label_counts(self.data.train, self.data.num_classes),
+        )
+        return wire, len(self.data.train), metrics
+
+    def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        set_weights(self.model, self.spec, parameters[: len(self.spec)])
+        loader = make_loader(self.data.val.x, self.data.val.y, self.cfg.batch_size, shuffle=False)
+        loss, accuracy, n = evaluate(self.model, loader, self.data.info.task, self.device)
+        return loss, n, ({"accuracy": accuracy} if accuracy is not None else {})
+
+    # ------------------------------------------------------------------------- FedSGD
+    def _gradient_payload(self, global_weights: NDArrays, loader: torch.utils.data.DataLoader) -> tuple[NDArrays, float]:
+        """Gradients for trainable arrays; for buffers, w_global - b_local (averages them)."""
+        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device)
+        local = get_weights(self.model, self.spec)
+        it = iter(grads)
+        payload = [
+            next(it).numpy() if trainable else (g - b)
+            for trainable, g, b in zip(self.spec.trainable, global_weights, local)
+        ]
+        return payload, loss
+
+    # ----------------------------------------------------------------------- SCAFFOLD
+    def _scaffold_correction(self, control: NDArrays) -> list[torch.Tensor]:
+        """c - c_i per trainable parameter (Karimireddy et al. 2020, Algorithm 1 line 10)."""
+        own = _load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]
+        return [torch.from_numpy(np.asarray(c, dtype=np.float32) - ci) for c, ci in zip(control, own)]
+
+    def _scaffold_control_delta(
+        self, start: NDArrays, end: NDArrays, control: NDArrays, steps: int
+    ) -> NDArrays:
+        """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr); returns c_i+ - c_i and stores c_i+."""
+        own = _load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]
+        scale = 1.0 / (max(steps, 1) * self.cfg.learning_rate)
+        x = [w for w, t in zip(start, self.spec.trainable) if t]
+        y = [w for w, t in zip(end, self.spec.trainable) if t]
+        new_own = [ci - c + (xi - yi) * scale for ci, c, xi, yi in zip(own, control, x, y)]
+        _store(self.state, CONTROL_KEY, [a.astype(np.float32) for a in new_own])
+        return [(n - o).astype(np.float32) for n, o in zip(new_own, own)]
+
+
+def client_fn(context: Context):  # type: ignore[no-untyped-def]
+    """Build this node's client from the run config and its node config."""
+    cfg = parse_run_config(context.run_config)
+    data = client_data(cfg, context.node_config)
+    return FlowerClient(cfg, data, context.state).to_client()
+
+
+app = ClientApp(client_fn=client_fn)

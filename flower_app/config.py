@@ -1,0 +1,234 @@
+"""The run config: `[tool.flwr.app.config]` parsed once into a frozen, typed `AppConfig`.
+
+The TOML table in `pyproject.toml` is the schema users see; this dataclass mirrors it field for
+field (kebab-case keys there, snake_case here). `parse_run_config` rejects unknown keys,
+ill-typed values and out-of-range values with a message that names the key and the valid
+choices, so a typo stops the run before any client trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Scalar = bool | int | float | str
+
+
+def _opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - mirrors argparse
+    """A config field: its default, a one-line help and optional checks.
+
+    checks: ``choices`` (an iterable or a zero-argument callable returning one), ``min``/``max``
+    (inclusive), ``gt``/``lt`` (exclusive).
+    """
+    return field(default=default, metadata={"help": help, **checks})
+
+
+def _strategy_names() -> list[str]:
+    from strategies import STRATEGIES
+
+    return sorted(STRATEGIES)
+
+
+def _aggregator_names() -> list[str]:
+    from strategies.aggregators import AGGREGATORS
+
+    return sorted(AGGREGATORS)
+
+
+def _dataset_names() -> list[str]:
+    from datasets import SOURCES
+
+    return sorted(SOURCES)
+
+
+def _partitioner_names() -> list[str]:
+    from datasets import PARTITIONERS
+
+    return sorted(PARTITIONERS)
+
+
+def _codec_names() -> list[str]:
+    from strategies.compression import CODECS
+
+    return sorted(CODECS)
+
+
+def _model_names() -> list[str]:
+    from flower_app.task import MODELS
+
+    return sorted(["auto", *MODELS])
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Every knob of a run. Field docs are the README's run-config table."""
+
+    # --- rounds and client sampling ---
+    num_server_rounds: int = _opt(5, "rounds to run (in total, counting resumed rounds)", min=1)
+    fraction_fit: float = _opt(1.0, "fraction of available clients sampled to train each round", gt=0.0, max=1.0)
+    min_fit_clients: int = _opt(2, "minimum clients sampled to train each round", min=1)
+    fraction_evaluate: float = _opt(1.0, "fraction of clients sampled for federated evaluation (0 = none)", min=0.0, max=1.0)
+    min_evaluate_clients: int = _opt(2, "minimum clients for federated evaluation", min=0)
+    min_available_clients: int = _opt(2, "clients that must be connected before a round starts", min=1)
+    client_wait_timeout: float = _opt(
+        120.0, "seconds to wait for min-available-clients before going on with whoever is there", gt=0.0
+    )
+    round_timeout: float = _opt(0.0, "seconds to wait for client replies in a round (0 = no limit)", min=0.0)
+    max_failure_fraction: float = _opt(
+        0.5, "largest fraction of failed or rejected client results a round tolerates", min=0.0, max=1.0
+    )
+    # --- server update rule ---
+    strategy: str = _opt("fedavg", "server update rule", choices=_strategy_names)
+    aggregator: str = _opt("mean", "how client updates are combined", choices=_aggregator_names)
+    server_learning_rate: float = _opt(1.0, "server step size (1.0 with fedavg = plain averaging)", gt=0.0)
+    server_momentum: float = _opt(0.9, "server momentum (fedavgm)", min=0.0, lt=1.0)
+    server_beta1: float = _opt(0.9, "first-moment decay (fedadam, fedyogi, fedadagrad)", min=0.0, lt=1.0)
+    server_beta2: float = _opt(0.99, "second-moment decay (fedadam, fedyogi)", min=0.0, lt=1.0)
+    server_tau: float = _opt(1e-3, "adaptivity / epsilon of the adaptive server optimizers", gt=0.0)
+    server_bias_correction: bool = _opt(False, "Adam-style bias correction of the server moments")
+    proximal_mu: float = _opt(0.01, "FedProx proximal weight mu (sent to clients each round)", min=0.0)
+    trim_fraction: float = _opt(0.2, "trimmed-mean: fraction cut at each end per coordinate", min=0.0, lt=0.5)
+    num_byzantine: int = _opt(1, "krum / multi-krum: assumed number of bad clients", min=0)
+    num_selected: int = _opt(0, "multi-krum: clients averaged (0 = n - num-byzantine)", min=0)
+    # --- local training ---
+    local_epochs: int = _opt(1, "local epochs per round", min=1)
+    batch_size: int = _opt(32, "local mini-batch size", min=1)
+    learning_rate: float = _opt(0.05, "client learning rate", gt=0.0)
+    client_momentum: float = _opt(0.0, "client SGD momentum", min=0.0, lt=1.0)
+    weight_decay: float = _opt(0.0, "client weight decay", min=0.0)
+    grad_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (effective batch = batch-size x this)", min=1)
+    device: str = _opt("auto", "where clients train: auto (CUDA if available), cpu, cuda", choices=("auto", "cpu", "cuda"))
+    # --- data ---
+    dataset: str = _opt("digits", "data source", choices=_dataset_names)
+    data_root: str = _opt("", "directory for downloaded datasets ('' = ~/.cache/flower_app/data)")
+    download: bool = _opt(False, "allow torchvision datasets to download when missing")
+    data_path: str = _opt("", "CSV file or image folder for the csv / image-folder sources")
+    label_column: str = _opt("label", "label column of a CSV source")
+    test_fraction: float = _opt(0.2, "held-out fraction for centralized evaluation (sources without a test split)", gt=0.0, lt=1.0)
+    num_samples: int = _opt(2000, "examples generated by the linear and synthetic sources", min=10)
+    num_features: int = _opt(10, "features of the linear and synthetic sources", min=1)
+    synthetic_alpha: float = _opt(1.0, "Synthetic(alpha, beta): model heterogeneity", min=0.0)
+    synthetic_beta: float = _opt(1.0, "Synthetic(alpha, beta): feature heterogeneity", min=0.0)
+    partitioner: str = _opt("dirichlet", "how the data is split across clients", choices=_partitioner_names)
+    num_partitions: int = _opt(
+        0, "number of partitions (0 = take it from each node's node-config num-partitions)", min=0
+    )
+    dirichlet_alpha: float = _opt(0.5, "dirichlet partitioner: label-skew concentration", gt=0.0)
+    classes_per_partition: int = _opt(2, "shards partitioner: classes per client", min=1)
+    quantity_alpha: float = _opt(1.0, "quantity-skew partitioner: size concentration", gt=0.0)
+    min_partition_size: int = _opt(10, "smallest partition the partitioners may produce", min=1)
+    # --- model ---
+    model: str = _opt("auto", "model: auto (cnn for images, mlp for tabular, linear for regression)", choices=_model_names)
+    hidden_size: int = _opt(128, "hidden width of the mlp", min=1)
+    # --- compressed updates ---
+    send_delta: bool = _opt(False, "clients send w_local - w_global instead of their weights")
+    compression: str = _opt("none", "codec for client updates", choices=_codec_names)
+    compression_block_size: int = _opt(256, "int8-block: elements per quantization scale", min=1)
+    topk_fraction: float = _opt(0.1, "topk: fraction of entries sent per tensor", gt=0.0, max=1.0)
+    error_feedback: bool = _opt(True, "keep what compression dropped on the client and send it later")
+    # --- run bookkeeping ---
+    seed: int = _opt(42, "seed for sampling, partitioning and initialisation", min=0)
+    output_dir: str = _opt("outputs", "where metrics, plots, checkpoints and the final model go")
+    resume: bool = _opt(False, "continue from output-dir/checkpoint.pt")
+    checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Reject settings that cannot work together."""
+        if self.min_available_clients < self.min_fit_clients:
+            raise ConfigError(
+                f"min-available-clients ({self.min_available_clients}) must be >= "
+                f"min-fit-clients ({self.min_fit_clients})"
+            )
+        if self.strategy == "fednova" and self.aggregator != "mean":
+            raise ConfigError(
+                f"strategy 'fednova' does its own normalized averaging; aggregator must be 'mean', got '{self.aggregator}'"
+            )
+        if self.compression == "topk" and not self.send_delta:
+            raise ConfigError("compression 'topk' sparsifies updates: set send-delta=true (sparse weights make no sense)")
+        if self.strategy == "fedsgd" and self.send_delta:
+            raise ConfigError("strategy 'fedsgd' sends gradients; send-delta must be false")
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        """The kebab-case mapping that `parse_run_config` reads back."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_run_config(), indent=2, sort_keys=True)
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used; the message names the key and the valid choices."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _choices(meta: Mapping[str, Any]) -> list[str] | None:
+    choices = meta.get("choices")
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
+    key = _kebab(f.name)
+    expected: type = type(f.default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"run-config key '{key}' must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    meta = f.metadata
+    choices = _choices(meta)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"run-config key '{key}': unknown value {value!r}; choose one of: {', '.join(choices)}")
+    bounds: list[tuple[str, Callable[[Any, Any], bool], str]] = [
+        ("min", lambda v, b: v >= b, ">="),
+        ("max", lambda v, b: v <= b, "<="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("lt", lambda v, b: v < b, "<"),
+    ]
+    for name, ok, symbol in bounds:
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(f"run-config key '{key}' must be {symbol} {meta[name]}, got {value!r}")
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {_kebab(f.name): f for f in dataclasses.fields(AppConfig)}
+
+
+def parse_run_config(run_config: Mapping[str, Scalar]) -> AppConfig:
+    """Parse Flower's `context.run_config` into an `AppConfig`.
+
+    Keys missing from ``run_config`` take the dataclass default (the same value as in
+    `pyproject.toml`, which a test keeps in step). Unknown keys raise `ConfigError`.
+    """
+    unknown = sorted(set(run_config) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(FIELDS))}")
+    values: dict[str, Any] = {}
+    for key, value in run_config.items():
+        f = FIELDS[key]
+        if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        values[_snake(key)] = value
+    try:
+        return AppConfig(**values)
+    except TypeError as err:  # pragma: no cover - defensive: dataclass signature mismatch
+        raise ConfigError(str(err)) from err
+
+
+def help_table() -> list[tuple[str, Scalar, str]]:
+    """(key, default, help) for every run-config key, in declaration order (for the README)."""
+    return [(k, f.default, f.metadata["help"]) for k, f in FIELDS.items()]

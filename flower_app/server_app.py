@@ -1,0 +1,96 @@
+"""ServerApp: builds the model, the strategy and the run's outputs from the run config."""
+
+from __future__ import annotations
+
+import math
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.common import Context, Scalar
+from flwr.common.logger import log
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from flower_app.config import AppConfig, parse_run_config
+from flower_app.data import model_info, server_source
+from flower_app.client_app import compression_config
+from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
+from flower_app.task import build_model, evaluate, get_weights, make_loader, resolve_device, set_weights, weight_spec
+from strategies.aggregators import AggregatorParams
+from strategies.base import FederatedStrategy, StrategyOptions
+from strategies.optimizers import ServerOptHParams
+
+
+def strategy_options(cfg: AppConfig) -> StrategyOptions:
+    return StrategyOptions(
+        rule=cfg.strategy,
+        aggregator=cfg.aggregator,
+        aggregator_params=AggregatorParams(
+            trim_fraction=cfg.trim_fraction,
+            num_byzantine=cfg.num_byzantine,
+            num_selected=cfg.num_selected or None,
+        ),
+        optimizer=ServerOptHParams(
+            learning_rate=cfg.server_learning_rate,
+            momentum=cfg.server_momentum,
+            beta1=cfg.server_beta1,
+            beta2=cfg.server_beta2,
+            tau=cfg.server_tau,
+            bias_correction=cfg.server_bias_correction,
+        ),
+        fraction_fit=cfg.fraction_fit,
+        min_fit_clients=cfg.min_fit_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_evaluate_clients=cfg.min_evaluate_clients,
+        min_available_clients=cfg.min_available_clients,
+        client_wait_timeout=cfg.client_wait_timeout,
+        max_failure_fraction=cfg.max_failure_fraction,
+        proximal_mu=cfg.proximal_mu,
+        seed=cfg.seed,
+        send_delta=cfg.send_delta,
+        compression=compression_config(cfg),
+    )
+
+
+def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
+    """The strategy for this run (restored from the checkpoint when resuming) and rounds left."""
+    source = server_source(cfg)
+    info = model_info(source)
+    model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed)
+    spec = weight_spec(model)
+    device = resolve_device(cfg.device)
+    test_loader = make_loader(source.test.x, source.test.y, batch_size=max(cfg.batch_size, 256), shuffle=False)
+
+    def evaluate_fn(weights: list[np.ndarray]) -> tuple[float, dict[str, Scalar]]:
+        set_weights(model, spec, weights)
+        loss, accuracy, _ = evaluate(model, test_loader, info.task, device)
+        return loss, ({"accuracy": accuracy} if accuracy is not None else {})
+
+    def save_model(weights: list[np.ndarray], path: Path) -> None:
+        set_weights(model, spec, weights)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = load_checkpoint(Path(cfg.output_dir) / CHECKPOINT_NAME, cfg, spec)
+    start_round = int(checkpoint["round"]) if checkpoint else 0
+    recorder = RunRecorder(cfg, spec, save_model, start_round=start_round)
+    strategy = FederatedStrategy(
+        strategy_options(cfg), get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round
+    )
+    if checkpoint is not None:
+        strategy.load_state_dict(checkpoint["strategy"])
+        log(INFO, "resuming from round %d of %d (%s)", start_round, cfg.num_server_rounds, cfg.output_dir)
+    return strategy, max(cfg.num_server_rounds - start_round, 0)
+
+
+def server_fn(context: Context) -> ServerAppComponents:
+    cfg = parse_run_config(context.run_config)
+    strategy, rounds = build_strategy(cfg)
+    log(INFO, "strategy %s (aggregator %s), %d rounds, dataset %s", cfg.strategy, cfg.aggregator, rounds, cfg.dataset)
+    timeout = cfg.round_timeout if cfg.round_timeout > 0 else None
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))
+
+
+app = ServerApp(server_fn=server_fn)

@@ -1,0 +1,309 @@
+"""Models, weight exchange and training loops in plain PyTorch (no Flower import).
+
+The client sends only what is trained: trainable parameters and floating-point buffers, under
+their `state_dict` keys, in `state_dict` order (`weight_spec`). Integer buffers such as
+BatchNorm's `num_batches_tracked` stay local.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+log = logging.getLogger(__name__)
+
+NDArrays = list[np.ndarray]
+
+
+# ----------------------------------------------------------------------------------- models
+class SmallCNN(nn.Module):
+    """Two conv blocks with BatchNorm and a two-layer head; any H x W via adaptive pooling."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(nn.Module):
+    """Flatten, two hidden ReLU layers, linear output."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_features),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LinearRegression(nn.Module):
+    """y = W x + b: the multivariate linear model."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model needs to know about its data."""
+
+    task: str  # "classification" | "regression"
+    input_shape: tuple[int, ...]
+    num_outputs: int  # classes, or regression targets
+
+
+def _build_cnn(info: ModelInfo, hidden: int) -> nn.Module:
+    if len(info.input_shape) != 3:
+        raise ValueError(f"model 'cnn' needs image input (C, H, W), got input shape {info.input_shape}")
+    return SmallCNN(info.input_shape[0], info.num_outputs)
+
+
+def _build_mlp(info: ModelInfo, hidden: int) -> nn.Module:
+    return MLP(math.prod(info.input_shape), info.num_outputs, hidden)
+
+
+def _build_linear(info: ModelInfo, hidden: int) -> nn.Module:
+    return LinearRegression(math.prod(info.input_shape), info.num_outputs)
+
+
+MODELS: dict[str, Callable[[ModelInfo, int], nn.Module]] = {
+    "cnn": _build_cnn,
+    "mlp": _build_mlp,
+    "linear": _build_linear,
+}
+
+
+def resolve_model_name(name: str, info: ModelInfo) -> str:
+    """`auto`: cnn for images, linear for regression, mlp otherwise."""
+    if name != "auto":
+        return name
+    if info.task == "regression":
+        return "linear"
+    return "cnn" if len(info.input_shape) == 3 else "mlp"
+
+
+def build_model(name: str, info: ModelInfo, hidden: int = 128, seed: int = 0) -> nn.Module:
+    """Build a registered model with a seeded initialisation (same seed -> same weights)."""
+    name = resolve_model_name(name, info)
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of: auto, {', '.join(sorted(MODELS))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODELS[name](info, hidden)
+
+
+# --------------------------------------------------------------------------- weight exchange
+@dataclass(frozen=True)
+class WeightSpec:
+    """The canonical list of arrays that travel: keys, shapes, and which are trainable."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    trainable: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_elements(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+
+def weight_spec(model: nn.Module) -> WeightSpec:
+    """Trainable parameters and floating-point buffers, in `state_dict` order."""
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffer_names = {n for n, b in model.named_buffers() if b.is_floating_point()}
+    keys, shapes, flags = [], [], []
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in trainable_names or key in buffer_names:
+            keys.append(key)
+            shapes.append(tuple(tensor.shape))
+            flags.append(key in trainable_names)
+    return WeightSpec(tuple(keys), tuple(shapes), tuple(flags))
+
+
+def get_weights(model: nn.Module, spec: WeightSpec) -> NDArrays:
+    """The spec's tensors as float32 numpy arrays (copies, safe to send)."""
+    state = model.state_dict()
+    return [state[k].detach().to("cpu", torch.float32).numpy().copy() for k in spec.keys]
+
+
+def set_weights(model: nn.Module, spec: WeightSpec, arrays: Sequence[np.ndarray]) -> None:
+    """Load arrays in spec order into the model, checking count and shapes."""
+    if len(arrays) != len(spec):
+        raise ValueError(f"expected {len(spec)} arrays, got {len(arrays)}")
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, shape, array in zip(spec.keys, spec.shapes, arrays):
+            if tuple(array.shape) != shape:
+                raise ValueError(f"array for '{key}' has shape {tuple(array.shape)}, expected {shape}")
+            target = state[key]
+            target.copy_(torch.as_tensor(np.asarray(array)).to(target.dtype))
+
+
+# ------------------------------------------------------------------------------- training
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but CUDA is not available on this node")
+    return torch.device(name)
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def loss_fn(task: str) -> nn.Module:
+    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 1
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_accumulation_steps: int = 1
+    proximal_mu: float = 0.0  # FedProx: adds (mu/2) ||w - w_global||^2 over trainable parameters
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    accuracy: float | None
+    num_examples: int
+    num_steps: int
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 autocast on CUDA halves activation memory and uses tensor cores; CPU stays fp32.
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train(
+    model: nn.Module,
+    loader: DataLoader,
+    task: str,
+    options: TrainOptions,
+    device: torch.device,
+    control_correction: Sequence[torch.Tensor] | None = None,
+) -> TrainResult:
+    """Local SGD.
+
+    With ``options.proximal_mu > 0`` the loss gains FedProx's (mu/2)||w - w_start||^2 (Li et al. 2020).
+    ``control_correction`` (SCAFFOLD, Karimireddy et al. 2020) is ``c - c_i`` per trainable
+    parameter, added to each gradient before the step.
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum, weight_decay=options.weight_decay)
+    start = [p.detach().clone() for p in params] if options.proximal_mu > 0 else None
+    criterion = loss_fn(task)
+    corrections = [c.to(device) for c in control_correction] if control_correction is not None else None
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
+    accum = options.grad_accumulation_steps
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(options.epochs):
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                out = model(x)
+                loss = criterion(out.float(), y)
+            objective = loss
+            if start is not None:
+                objective = objective + 0.5 * options.proximal_mu * sum(
+                    (p - s).pow(2).sum() for p, s in zip(params, start)
+                )
+            (objective / accum).backward()
+            total_loss += loss.item() * len(y)
+            seen += len(y)
+            if task == "classification":
+                correct += int((out.argmax(1) == y).sum())
+            last = i == len(loader) - 1
+            if (i + 1) % accum == 0 or last:
+                if corrections is not None:
+                    for p, c in zip(params, corrections):
+                        if p.grad is not None:
+                            p.grad.add_(c)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+    num_examples = len(loader.dataset)  # type: ignore[arg-type]
+    return TrainResult(
+        loss=total_loss / max(seen, 1),
+        accuracy=correct / seen if task == "classification" and seen else None,
+        num_examples=num_examples,
+        num_steps=steps,
+    )
+
+
+def full_gradient(model: nn.Module, loader: DataLoader, task: str, device: torch.device) -> tuple[list[torch.Tensor], float]:
+    """Gradient of the mean loss over all of ``loader`` at the current weights (FedSGD's client step).
+
+    Batches are weighted by their size so the result equals the full-batch gradient.
+    Returns the per-trainable-parameter gradients (CPU, float32) and the mean loss.
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    criterion = loss_fn(task)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = criterion(model(x).float(), y)
+        (loss * (len(y) / n)).backward()
+        total += loss.item() * len(y)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().to("cpu", torch.float32) for p in params]
+    model.zero_grad(set_to_none=True)
+    return grads, total / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, task: str, device: torch.device) -> tuple[float, float | None, int]:
+    """Mean loss, accuracy (classification) and example count."""
+    model.to(device).eval()
+    criterion = loss_fn(task)
+    total, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device):
+            out = model(x)
+        total += criterion(out.float(), y).item() * len(y)
+        if task == "classification":
+            correct += int((out.argmax(1) == y).sum())
+        n += len(y)
+    if n == 0:
+        return float("nan"), None, 0
+    return total / n, (correct / n if task == "classification" else None), n

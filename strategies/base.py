@@ -1,0 +1,458 @@
+"""`FederatedStrategy`: the Flower shell around a server update rule.
+
+The shell samples clients, ships the global weights, decodes and validates every reply, and
+hands the accepted payloads to the pure pieces: an aggregator (`strategies.aggregators`) and a
+server optimizer (`strategies.optimizers`). It keeps the round's bookkeeping (results,
+failures, rejected updates, bytes, seconds, metrics) and reports each finished round to its
+observers, which write metrics, plots and checkpoints. It implements the legacy
+`flwr.server.strategy.Strategy` API, the one `NumPyClient` talks to in Flower 1.42.
+
+Payload kinds. A client sends, per `RuleSpec.client_mode` and the run's ``send-delta``:
+``weights`` (w_i), ``delta`` (u_i = w_i - w) or ``gradient`` (FedSGD, the gradient g_i at w).
+The aggregate A of the payloads gives the pseudo-gradient g handed to the server optimizer:
+``weights``: g = w - A; ``delta``: g = -A; ``gradient``: g = A. Aggregators are translation
+equivariant (mean, median, trimmed mean, Krum), so aggregating weights or updates agrees.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from strategies import RuleSpec, get_rule
+from strategies.aggregators import AggregatorParams, fednova_combine, get_aggregator
+from strategies.compression import CompressionConfig, decompress
+from strategies.optimizers import ServerOptHParams, get_server_optimizer
+from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
+from strategies.serde import views
+from strategies.streaming import StreamingMean
+from strategies.validation import check_update
+
+NDArrays = list[np.ndarray]
+EvaluateFn = Callable[[NDArrays], tuple[float, dict[str, Scalar]]]
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """Everything the shell needs, typed (built from the app's run config)."""
+
+    rule: str = "fedavg"
+    aggregator: str = "mean"
+    aggregator_params: AggregatorParams = field(default_factory=AggregatorParams)
+    optimizer: ServerOptHParams = field(default_factory=ServerOptHParams)
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+    client_wait_timeout: float = 120.0
+    max_failure_fraction: float = 0.5
+    proximal_mu: float = 0.0
+    seed: int = 0
+    send_delta: bool = False
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+
+
+@dataclass
+class RoundRecord:
+    """One row of `metrics.csv`."""
+
+    round: int
+    central_loss: float = math.nan
+    central_accuracy: float = math.nan
+    federated_loss: float = math.nan
+    federated_accuracy: float = math.nan
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
+    clients_sampled: int = 0
+    results: int = 0
+    failures: int = 0
+    rejected: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    updated: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_row(self) -> dict[str, Any]:
+        row = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        row.update(self.extra)
+        return row
+
+
+class RoundObserver(Protocol):
+    def __call__(self, record: RoundRecord, strategy: FederatedStrategy) -> None: ...
+
+
+# Metrics are aggregated by what they mean: counts add up, budgets take the maximum,
+# everything else (losses, accuracies) is an example-weighted mean.
+def metric_reducer(name: str) -> str:
+    if name.startswith("num_") or name.endswith("_bytes") or name.endswith("_count"):
+        return "sum"
+    if name.startswith("epsilon") or name.endswith("_max"):
+        return "max"
+    return "mean"
+
+
+def aggregate_metrics(replies: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
+    """Combine per-client metrics: sums for counts, max for budgets, weighted means otherwise."""
+    names = sorted({k for _, m in replies for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    out: dict[str, float] = {}
+    for name in names:
+        pairs = [(n, float(m[name])) for n, m in replies if name in m]
+        how = metric_reducer(name)
+        if how == "sum":
+            out[name] = sum(v for _, v in pairs)
+        elif how == "max":
+            out[name] = max(v for _, v in pairs)
+        else:
+            total = sum(n for n, _ in pairs)
+            out[name] = sum(n * v for n, v in pairs) / total if total > 0 else math.nan
+    return out
+
+
+def payload_kind(rule: RuleSpec, send_delta: bool) -> str:
+    if rule.client_mode == "gradient":
+        return "gradient"
+    return "delta" if send_delta else "weights"
+
+
+class FederatedStrategy(Strategy):
+    """A `flwr.server.strategy.Strategy` that runs any registered rule.
+
+    Args:
+        options: typed settings.
+        initial_weights: the global model, as float32 arrays in canonical order.
+        trainable: per array, True for trainable parameters (the server optimizer acts on
+            these) and False for buffers (set to the aggregate).
+        evaluate_fn: centralized evaluation of a set of weights on held-out data.
+        observers: called with each finished round's record.
+        start_round: rounds already done (resume); Flower's round numbers restart at 1.
+    """
+
+    def __init__(
+        self,
+        options: StrategyOptions,
+        initial_weights: NDArrays,
+        trainable: Sequence[bool],
+        evaluate_fn: EvaluateFn | None = None,
+        observers: Sequence[RoundObserver] = (),
+        start_round: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(trainable) != len(initial_weights):
+            raise ValueError("trainable must have one flag per weight array")
+        self.options = options
+        self.rule = get_rule(options.rule)
+        self.kind = payload_kind(self.rule, options.send_delta)
+        self.aggregate_fn = get_aggregator(options.aggregator)
+        self.optimizer = get_server_optimizer(self.rule.server_optimizer, options.optimizer)
+        self.weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
+        self.shapes = [tuple(w.shape) for w in self.weights]
+        self.trainable = list(trainable)
+        self.evaluate_fn = evaluate_fn
+        self.observers = list(observers)
+        self.start_round = start_round
+        self.opt_state = self.optimizer.init(self.weights, self.trainable)
+        self.scaffold_state: ScaffoldState | None = (
+            scaffold_init(self._trainable_part(self.weights)) if self.rule.scaffold else None
+        )
+        self._record: RoundRecord | None = None
+        self._round_start = 0.0
+        self._num_available = 0
+        # Per client: what it reported of its data (data_* metrics), for partitions.csv.
+        self.data_summary: dict[str, dict[str, Scalar]] = {}
+
+    # ------------------------------------------------------------------ state (checkpoints)
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the config: weights and rule state."""
+        return {
+            "round": self.current_round,
+            "weights": [w.copy() for w in self.weights],
+            "optimizer": self.opt_state.state_dict(),
+            "scaffold": self.scaffold_state.state_dict() if self.scaffold_state is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        weights = [np.asarray(w, dtype=np.float32) for w in state["weights"]]
+        reason = check_update(weights, self.shapes, 1)
+        if reason is not None:
+            raise ValueError(f"checkpoint weights do not fit the model: {reason}")
+        self.weights = weights
+        self.start_round = int(state["round"])
+        self.opt_state = type(self.opt_state).load_state_dict(state["optimizer"])
+        if self.rule.scaffold:
+            if state.get("scaffold") is None:
+                raise ValueError("checkpoint has no SCAFFOLD control variate but the strategy is 'scaffold'")
+            self.scaffold_state = ScaffoldState.load_state_dict(state["scaffold"])
+
+    @property
+    def current_round(self) -> int:
+        return self._record.round if self._record is not None else self.start_round
+
+    # -------------------------------------------------------------------- Flower interface
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.weights)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        rnd = server_round + self.start_round
+        self._round_start = time.perf_counter()
+        self._record = RoundRecord(round=rnd)
+        clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
+        if self.rule.scaffold:
+            assert self.scaffold_state is not None
+            parameters = ndarrays_to_parameters(self.weights + self.scaffold_state.control)
+        config: dict[str, Scalar] = {
+            "server-round": rnd,
+            "proximal-mu": self.options.proximal_mu if self.rule.proximal else 0.0,
+        }
+        self._record.clients_sampled = len(clients)
+        self._record.bytes_sent += _nbytes(parameters) * len(clients)
+        log(INFO, "round %d: training on %d of %d clients", rnd, len(clients), self._num_available)
+        return [(c, FitIns(parameters, dict(config))) for c in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        record = self._ensure_record(server_round)
+        record.results, record.failures = len(results), len(failures)
+        for failure in failures:
+            log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
+        record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
+        accepted = self._accept(record, results)
+        bad = len(failures) + record.rejected
+        attempted = len(results) + len(failures)
+        if not accepted:
+            log(WARNING, "round %d: no usable client update; the global model is unchanged", record.round)
+            return None, {}
+        if attempted and bad / attempted > self.options.max_failure_fraction:
+            log(
+                WARNING,
+                "round %d: %d of %d clients failed or were rejected (more than max-failure-fraction %.2f); "
+                "the global model is unchanged",
+                record.round, bad, attempted, self.options.max_failure_fraction,
+            )
+            return None, {}
+        for u in accepted:
+            data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
+            if data:
+                self.data_summary[u.cid] = {"client": u.cid, **data}
+        self._apply(accepted)
+        record.updated = True
+        fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
+        record.train_loss = fit_metrics.pop("train_loss", math.nan)
+        record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
+        record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})
+        return ndarrays_to_parameters(self.weights), {k: v for k, v in fit_metrics.items()}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        if self.evaluate_fn is None:
+            return None
+        loss, metrics = self.evaluate_fn(self.weights)
+        if server_round == 0:
+            if self.start_round == 0:
+                record = RoundRecord(round=0, central_loss=loss, central_accuracy=float(metrics.get("accuracy", math.nan)))
+                self._notify(record)
+            return loss, metrics
+        record = self._ensure_record(server_round)
+        record.central_loss = loss
+        record.central_accuracy = float(metrics.get("accuracy", math.nan))
+        return loss, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        record = self._ensure_record(server_round)
+        clients: list[ClientProxy] = []
+        if self.options.fraction_evaluate > 0:
+            clients = self._sample(
+                client_manager, record.round, "evaluate", self.options.fraction_evaluate, self.options.min_evaluate_clients
+            )
+        if not clients:
+            self._finish_round()  # Flower skips aggregate_evaluate when nobody evaluates
+            return []
+        params = ndarrays_to_parameters(self.weights)
+        record.bytes_sent += _nbytes(params) * len(clients)
+        config: dict[str, Scalar] = {"server-round": record.round}
+        return [(c, EvaluateIns(params, dict(config))) for c in clients]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        record = self._ensure_record(server_round)
+        for failure in failures:
+            log(WARNING, "round %d: evaluation failure: %s", record.round, _describe_failure(failure))
+        replies = [(r.num_examples, {"loss": r.loss, **r.metrics}) for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
+        metrics = aggregate_metrics(replies) if replies else {}
+        loss = metrics.pop("loss", None)
+        record.federated_loss = loss if loss is not None else math.nan
+        record.federated_accuracy = metrics.pop("accuracy", math.nan)
+        record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        self._finish_round()
+        return loss, metrics
+
+    # -------------------------------------------------------------------------- internals
+    def _ensure_record(self, server_round: int) -> RoundRecord:
+        rnd = server_round + self.start_round
+        if self._record is None or self._record.round != rnd:
+            self._record = RoundRecord(round=rnd)
+            self._round_start = time.perf_counter()
+        return self._record
+
+    def _finish_round(self) -> None:
+        record = self._record
+        if record is None:
+            return
+        record.seconds = time.perf_counter() - self._round_start
+        log(
+            INFO,
+            "round %d done in %.1fs: central acc %.4f loss %.4f | federated acc %.4f loss %.4f | "
+            "%d results, %d failures, %d rejected",
+            record.round, record.seconds, record.central_accuracy, record.central_loss,
+            record.federated_accuracy, record.federated_loss, record.results, record.failures, record.rejected,
+        )
+        self._notify(record)
+
+    def _notify(self, record: RoundRecord) -> None:
+        for observer in self.observers:
+            observer(record, self)
+
+    def _sample(self, client_manager: ClientManager, rnd: int, purpose: str, fraction: float, minimum: int) -> list[ClientProxy]:
+        """Seeded sampling of max(fraction x available, minimum) clients, with a bounded wait."""
+        needed = self.options.min_available_clients
+        if client_manager.num_available() < needed:
+            log(INFO, "round %d: waiting up to %.0fs for %d clients (%d connected)", rnd,
+                self.options.client_wait_timeout, needed, client_manager.num_available())
+            client_manager.wait_for(needed, timeout=self.options.client_wait_timeout)  # type: ignore[arg-type]
+        available = client_manager.all()
+        self._num_available = len(available)
+        if len(available) < needed:
+            log(WARNING, "round %d: only %d of min-available-clients %d connected after waiting %.0fs; going on with them",
+                rnd, len(available), needed, self.options.client_wait_timeout)
+        if len(available) < minimum:
+            log(WARNING, "round %d: %d clients connected, fewer than the minimum %d for %s; skipping it",
+                rnd, len(available), minimum, purpose)
+            return []
+        count = min(len(available), max(int(fraction * len(available)), minimum))
+        rng = random.Random(zlib.crc32(f"{self.options.seed}:{rnd}:{purpose}".encode()))
+        chosen = rng.sample(sorted(available), count)
+        return [available[cid] for cid in chosen]
+
+    def _trainable_part(self, arrays: Sequence[np.ndarray]) -> NDArrays:
+        return [a for a, t in zip(arrays, self.trainable) if t]
+
+    def _decode(self, res: FitRes) -> tuple[NDArrays, NDArrays]:
+        """Client arrays (as float32) and SCAFFOLD control deltas (empty otherwise)."""
+        arrays = views(res.parameters.tensors)
+        extras: NDArrays = []
+        if self.rule.scaffold:
+            n = sum(self.trainable)
+            if len(arrays) < n:
+                raise ValueError(f"expected the model payload plus {n} control-variate arrays, got {len(arrays)} arrays")
+            arrays, extras = arrays[: len(arrays) - n], arrays[len(arrays) - n :]
+        return decompress(arrays, self.shapes, self.options.compression), extras
+
+    def _accept(self, record: RoundRecord, results: list[tuple[ClientProxy, FitRes]]) -> list[_Update]:
+        """Decode and validate each result; rejected ones are logged and left out."""
+        accepted: list[_Update] = []
+        control_shapes = [s for s, t in zip(self.shapes, self.trainable) if t]
+        for proxy, res in results:
+            try:
+                arrays, extras = self._decode(res)
+                reason = check_update(arrays, self.shapes, res.num_examples)
+                if reason is None and self.rule.scaffold:
+                    reason = check_update(extras, control_shapes, res.num_examples)
+                    reason = f"control variate: {reason}" if reason else None
+                steps = res.metrics.get("local_steps", 0)
+                if reason is None and self.rule.fednova and not (isinstance(steps, int) and steps > 0):
+                    reason = f"fednova needs a positive integer metric num_steps, got {steps!r}"
+            except ValueError as err:
+                reason = str(err)
+            if reason is not None:
+                record.rejected += 1
+                log(WARNING, "round %d: rejected update from client %s: %s", record.round, proxy.cid, reason)
+                continue
+            accepted.append(_Update(proxy.cid, arrays, extras, int(res.num_examples), dict(res.metrics)))
+        return accepted
+
+    def _apply(self, updates: list[_Update]) -> None:
+        """Aggregate the accepted payloads and take the server optimizer's step."""
+        weights = [float(u.num_examples) for u in updates]
+        if self.rule.fednova:
+            deltas = [u.arrays if self.kind == "delta" else [c - w for c, w in zip(u.arrays, self.weights)] for u in updates]
+            steps = [int(u.metrics["local_steps"]) for u in updates]
+            pseudo_grad = [-d for d in fednova_combine(deltas, weights, steps)]
+        else:
+            if self.options.aggregator == "mean":
+                mean = StreamingMean()
+                for u in updates:
+                    mean.add(u.arrays, u.num_examples)
+                    u.arrays = []  # drop the reference: the accumulator holds what is needed
+                combined = mean.result()
+            else:
+                combined = self.aggregate_fn([u.arrays for u in updates], weights, self.options.aggregator_params)
+            pseudo_grad = _pseudo_gradient(self.kind, self.weights, combined)
+        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, pseudo_grad, self.trainable)
+        if self.scaffold_state is not None:
+            self.scaffold_state = scaffold_update_control(
+                self.scaffold_state, [u.extras for u in updates], max(self._num_available, len(updates))
+            )
+
+
+@dataclass
+class _Update:
+    cid: str
+    arrays: NDArrays
+    extras: NDArrays
+    num_examples: int
+    metrics: dict[str, Scalar]
+
+
+def _pseudo_gradient(kind: str, weights: NDArrays, combined: NDArrays) -> NDArrays:
+    """g such that the server optimizer's ``w - lr * g`` with lr = 1 reproduces averaging."""
+    if kind == "weights":
+        return [np.subtract(w, c, dtype=np.float32) for w, c in zip(weights, combined)]
+    if kind == "delta":
+        return [np.negative(c, dtype=np.float32) for c in combined]
+    return [np.asarray(c, dtype=np.float32) for c in combined]
+
+
+def _nbytes(parameters: Parameters) -> int:
+    return sum(len(t) for t in parameters.tensors)
+
+
+def _describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return f"{type(failure).__name__}: {failure}"
+    proxy, res = failure
+    status = getattr(res, "status", None)
+    return f"client {proxy.cid}: {getattr(status, 'message', res)}"
