@@ -45,9 +45,9 @@ def _dataset_names() -> list[str]:
 
 
 def _partitioner_names() -> list[str]:
-    from datasets import PARTITIONERS
+    from datasets import PARTITIONER_NAMES
 
-    return sorted(PARTITIONERS)
+    return sorted(PARTITIONER_NAMES)
 
 
 def _codec_names() -> list[str]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from datasets import PartitionOptions, Source, SourceOptions, TensorData, load_partition, load_source
+# Simulation keeps client processes (Ray actors) alive across rounds: sources load once per process.
+from datasets import PartitionOptions, Source, SourceOptions, TensorData, load_partition, load_source_cached
 from flower_app.config import AppConfig, ConfigError
 from flower_app.task import ModelInfo
 
@@ -42,12 +42,6 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_source(name: str, options: SourceOptions) -> Source:
-    # Simulation keeps client processes (Ray actors) alive across rounds: load each source once.
-    return load_source(name, options)
-
-
 def model_info(source: Source) -> ModelInfo:
     outputs = source.num_classes if source.task == "classification" else (source.target_dim or 1)
     return ModelInfo(task=source.task, input_shape=tuple(source.input_shape), num_outputs=int(outputs or 1))
@@ -55,7 +49,7 @@ def model_info(source: Source) -> ModelInfo:
 
 def server_source(cfg: AppConfig) -> Source:
     """The run's data source as the server sees it (its test split is the centralized held-out set)."""
-    return _cached_source(cfg.dataset, source_options(cfg))
+    return load_source_cached(cfg.dataset, source_options(cfg))
 
 
 def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData:
@@ -73,7 +67,7 @@ def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData
             )
         if not os.path.exists(path):
             raise FileNotFoundError(f"node data file '{path}' (node-config data-path) does not exist")
-        source = _cached_source(cfg.dataset, source_options(cfg, path=path))
+        source = load_source_cached(cfg.dataset, source_options(cfg, path=path))
         return ClientData(source.train, source.test, model_info(source), -1, source.num_classes)
     if "partition-id" not in node_config:
         raise ConfigError("node-config must set either data-path, or partition-id and num-partitions")
@@ -81,7 +75,7 @@ def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData
     num_partitions = cfg.num_partitions or int(node_config.get("num-partitions", 0))  # type: ignore[call-overload]
     if num_partitions < 1:
         raise ConfigError("set num-partitions in the node-config or the run config")
-    source = _cached_source(cfg.dataset, source_options(cfg, num_partitions=num_partitions))
+    source = load_source_cached(cfg.dataset, source_options(cfg, num_partitions=num_partitions))
     options = PartitionOptions(
         num_partitions=num_partitions,
         seed=cfg.seed,

@@ -29,7 +29,7 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         aggregator_params=AggregatorParams(
             trim_fraction=cfg.trim_fraction,
             num_byzantine=cfg.num_byzantine,
-            num_selected=cfg.num_selected or None,
+            num_selected=cfg.num_selected,
         ),
         optimizer=ServerOptHParams(
             learning_rate=cfg.server_learning_rate,
