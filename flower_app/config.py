@@ -67,7 +67,7 @@ class AppConfig:
     """Every knob of a run. Field docs are the README's run-config table."""
 
     # --- rounds and client sampling ---
-    num_server_rounds: int = _opt(5, "rounds to run (in total, counting resumed rounds)", min=1)
+    num_server_rounds: int = _opt(20, "rounds to run (in total, counting resumed rounds)", min=1)
     fraction_fit: float = _opt(1.0, "fraction of available clients sampled to train each round", gt=0.0, max=1.0)
     min_fit_clients: int = _opt(2, "minimum clients sampled to train each round", min=1)
     fraction_evaluate: float = _opt(1.0, "fraction of clients sampled for federated evaluation (0 = none)", min=0.0, max=1.0)
@@ -94,7 +94,7 @@ class AppConfig:
     num_byzantine: int = _opt(1, "krum / multi-krum: assumed number of bad clients", min=0)
     num_selected: int = _opt(0, "multi-krum: clients averaged (0 = n - num-byzantine)", min=0)
     # --- local training ---
-    local_epochs: int = _opt(1, "local epochs per round", min=1)
+    local_epochs: int = _opt(2, "local epochs per round", min=1)
     batch_size: int = _opt(32, "local mini-batch size", min=1)
     learning_rate: float = _opt(0.05, "client learning rate", gt=0.0)
     client_momentum: float = _opt(0.0, "client SGD momentum", min=0.0, lt=1.0)

@@ -201,11 +201,11 @@ class FederatedStrategy(Strategy):
             raise ValueError(f"checkpoint weights do not fit the model: {reason}")
         self.weights = weights
         self.start_round = int(state["round"])
-        self.opt_state = type(self.opt_state).load_state_dict(state["optimizer"])
+        self.opt_state = type(self.opt_state).load_state_dict(state["optimizer"], template=self.opt_state)
         if self.rule.scaffold:
             if state.get("scaffold") is None:
                 raise ValueError("checkpoint has no SCAFFOLD control variate but the strategy is 'scaffold'")
-            self.scaffold_state = ScaffoldState.load_state_dict(state["scaffold"])
+            self.scaffold_state = ScaffoldState.load_state_dict(state["scaffold"], template=self.scaffold_state)
 
     @property
     def current_round(self) -> int:
