@@ -1,0 +1,481 @@
+"""Aggregation rules: combine per-client arrays into one list of arrays.
+
+Every rule here takes, for each client ``i``, a list of arrays ``x_i`` (one per model tensor, in the canonical
+order) and a positive weight ``n_i`` (usually the client's number of training examples), and returns one list of
+float32 arrays with the same shapes.
+
+The server applies these rules to client *updates* ``u_i = w_i - w`` (not to the client weights themselves). All
+rules are translation-equivariant (``agg(x_i + c) = agg(x_i) + c``), so aggregating updates and aggregating weights
+give the same model, and the result can be handed as a pseudo-gradient ``g = -agg(u_i)`` to any server optimizer
+in :mod:`strategies.optimizers`.
+
+Rules:
+
+* :func:`weighted_mean`: ``sum_i n_i x_i / sum_i n_i`` (FedAvg), streaming over clients.
+* :func:`coordinate_median`, :func:`trimmed_mean`: coordinate-wise robust statistics (Yin et al., 2018).
+* :func:`krum` (and Multi-Krum): distance-based selection (Blanchard et al., 2017).
+* :func:`fednova_combine`: FedNova's normalized averaging for heterogeneous local step counts (Wang et al., 2020).
+
+:data:`AGGREGATORS` maps run-config names to callables with one uniform signature; :func:`get_aggregator` looks
+them up. This module depends on numpy and torch only (no Flower), so it can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AGGREGATORS",
+    "AGGREGATOR_PARAMS_USED",
+    "Aggregator",
+    "AggregatorParams",
+    "NDArrays",
+    "coordinate_median",
+    "fednova_combine",
+    "get_aggregator",
+    "krum",
+    "krum_scores",
+    "trimmed_mean",
+    "weighted_mean",
+]
+
+NDArrays: TypeAlias = list[np.ndarray]
+
+# Krum's pairwise distances are accumulated over column blocks of this many elements, so the float64 working
+# copy is ``num_clients * _DISTANCE_CHUNK * 8`` bytes whatever the model size.
+_DISTANCE_CHUNK = 1 << 18
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers (also used by strategies.optimizers and strategies.scaffold).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
+    """Return a torch tensor sharing memory with ``x`` (a copy only when torch cannot view it).
+
+    The caller must treat the result as read-only: writing to it would write to the caller's array. Read-only
+    numpy arrays (e.g. ``np.frombuffer`` of a received message) are viewed without torch's "not writable"
+    warning, which is safe because nothing here writes through these views.
+    """
+    arr = np.asarray(x)
+    if not arr.dtype.isnative or any(stride < 0 for stride in arr.strides):
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    try:
+        if arr.flags.writeable:
+            return torch.from_numpy(arr)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            return torch.from_numpy(arr)
+    except TypeError as err:
+        raise ValueError(f"{where}: unsupported dtype {arr.dtype}") from err
+
+
+def _float32_tensor(x: np.ndarray, where: str) -> torch.Tensor:
+    """A float32 tensor with the values of ``x``: a view when ``x`` is float32 already, else a converted copy."""
+    view = _tensor_view(x, where)
+    return view if view.dtype == torch.float32 else view.to(torch.float32)
+
+
+def _check_weights(weights: Sequence[float], num_clients: int | None) -> np.ndarray:
+    """Validate client weights (non-empty, positive, finite, one per client) and return them as float64."""
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"weights must be a sequence of numbers, got {weights!r}") from err
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
+    if num_clients is not None and w.size != num_clients:
+        raise ValueError(f"got {num_clients} clients but {w.size} weights")
+    bad = np.flatnonzero(~np.isfinite(w) | (w <= 0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"weights must be positive and finite; client {i} has weight {w[i]!r}")
+    return w
+
+
+def _check_same_structure(arrays: Sequence[NDArrays]) -> list[tuple[int, ...]]:
+    """Check that every client has as many arrays as client 0, with the same shapes; return those shapes."""
+    if len(arrays) == 0:
+        raise ValueError("need at least one client")
+    shapes = [tuple(np.shape(x)) for x in arrays[0]]
+    for i, client in enumerate(arrays):
+        if len(client) != len(shapes):
+            raise ValueError(f"client {i} has {len(client)} arrays; client 0 has {len(shapes)}")
+        for j, x in enumerate(client):
+            if tuple(np.shape(x)) != shapes[j]:
+                raise ValueError(
+                    f"client {i}, array {j}: shape {tuple(np.shape(x))} differs from client 0's {shapes[j]}"
+                )
+    return shapes
+
+
+def _stream_weighted_sum(arrays: Iterable[NDArrays], coefficients: np.ndarray) -> NDArrays:
+    """Return ``sum_i coefficients[i] * arrays[i]`` in float32, reading one client at a time.
+
+    One float32 accumulator per array is created from client 0 (``acc = float32(x_0) * c_0``) and every later
+    client is added in place (``acc += c_i * x_i`` via ``Tensor.add_(x, alpha=c_i)``), so no weighted copy of a
+    client is ever made and a client is released as soon as the iterator moves on. The iterator is consumed
+    exactly once.
+    """
+    num_expected = len(coefficients)
+    acc: list[torch.Tensor] = []
+    shapes: list[tuple[int, ...]] = []
+    num_seen = 0
+    for i, client in enumerate(arrays):
+        if i >= num_expected:
+            raise ValueError(f"got more clients than the {num_expected} weights given (client {i} is extra)")
+        coef = float(coefficients[i])
+        if i == 0:
+            for j, x in enumerate(client):
+                view = _tensor_view(x, f"client {i}, array {j}")
+                a = torch.empty(view.shape, dtype=torch.float32)
+                a.copy_(view)  # cast first, so a float16/float64 input is scaled in float32
+                a.mul_(coef)
+                acc.append(a)
+                shapes.append(tuple(view.shape))
+        else:
+            if len(client) != len(acc):
+                raise ValueError(f"client {i} has {len(client)} arrays; client 0 has {len(acc)}")
+            for j, x in enumerate(client):
+                view = _tensor_view(x, f"client {i}, array {j}")
+                if tuple(view.shape) != shapes[j]:
+                    raise ValueError(
+                        f"client {i}, array {j}: shape {tuple(view.shape)} differs from client 0's {shapes[j]}"
+                    )
+                acc[j].add_(view, alpha=coef)
+        num_seen = i + 1
+    if num_seen != num_expected:
+        raise ValueError(f"got {num_seen} clients but {num_expected} weights")
+    return [a.numpy() for a in acc]
+
+
+def _stack(arrays: Sequence[NDArrays], j: int) -> torch.Tensor:
+    """Stack array ``j`` of every client into one float32 tensor of shape ``(num_clients, *shape)``."""
+    return torch.stack([_float32_tensor(client[j], f"client {i}, array {j}") for i, client in enumerate(arrays)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregation rules.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def weighted_mean(arrays: Iterable[NDArrays], weights: Sequence[float]) -> NDArrays:
+    """Weighted mean of per-client arrays, streaming over the clients (FedAvg aggregation).
+
+    McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data"::
+
+        mean_j = sum_i n_i x_{i,j} / sum_i n_i
+
+    ``arrays`` may be a generator that deserializes each client lazily: it is consumed once, one client at a time,
+    and at most one client is referenced at any moment. The work memory is one float32 accumulator per array
+    (the size of one model). The weights are normalized up front (``p_i = n_i / sum n``, in float64) and each
+    client is added with ``acc.add_(x_i, alpha=p_i)``; normalizing first rather than dividing at the end saves a
+    pass over the model and cannot overflow float32 with large example counts.
+
+    Args:
+        arrays: per client, the list of arrays (same count and shapes for every client; any real dtype).
+        weights: one positive, finite weight per client.
+
+    Returns:
+        The weighted mean, as new float32 arrays.
+
+    Raises:
+        ValueError: if a weight is not positive and finite, the number of clients differs from the number of
+            weights, or a client's array count or shapes differ from client 0's (naming the client and array).
+    """
+    w = _check_weights(weights, None)
+    return _stream_weighted_sum(arrays, w / w.sum())
+
+
+def coordinate_median(arrays: Sequence[NDArrays], weights: Sequence[float]) -> NDArrays:
+    """Coordinate-wise median of per-client arrays.
+
+    Yin, Chen, Ramchandran and Bartlett, 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+    Statistical Rates"::
+
+        median_j[k] = med_i x_{i,j}[k]
+
+    For an even number of clients the median is the mean of the two middle values. The median is *unweighted*,
+    as in the paper: ``weights`` are validated (one positive, finite weight per client) but otherwise ignored, so
+    that a client cannot gain influence by claiming many examples. A non-finite value (NaN sorts last, +-inf at
+    the ends) is treated as an extreme value, so a minority of such clients cannot make the result non-finite.
+
+    Returns:
+        New float32 arrays.
+
+    Raises:
+        ValueError: on an empty client list, inconsistent shapes, or invalid weights.
+    """
+    _check_same_structure(arrays)
+    _check_weights(weights, len(arrays))
+    n = len(arrays)
+    out: NDArrays = []
+    for j in range(len(arrays[0])):
+        ordered = torch.sort(_stack(arrays, j), dim=0).values
+        if n % 2 == 1:
+            med = ordered[n // 2].clone()
+        else:
+            med = ordered[n // 2 - 1].add(ordered[n // 2]).mul_(0.5)
+        out.append(med.numpy())
+    return out
+
+
+def trimmed_mean(arrays: Sequence[NDArrays], weights: Sequence[float], trim_fraction: float) -> NDArrays:
+    """Coordinate-wise trimmed mean of per-client arrays.
+
+    Yin, Chen, Ramchandran and Bartlett, 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+    Statistical Rates". With ``n`` clients and ``k = floor(trim_fraction * n)``, for every coordinate the ``k``
+    largest and ``k`` smallest values are dropped and the remaining ``n - 2k`` are averaged::
+
+        trimmed_j[k'] = 1/(n - 2k) * sum_{r=k}^{n-k-1} sort_i(x_{i,j}[k'])_r
+
+    The mean is unweighted, as in the paper: ``weights`` are validated but otherwise ignored. ``trim_fraction = 0``
+    is the plain unweighted mean. ``floor`` tolerates a 1e-9 rounding error, so ``0.29 * 100`` trims 29.
+
+    Returns:
+        New float32 arrays (the kept values are summed in float64).
+
+    Raises:
+        ValueError: if ``trim_fraction`` is not in ``[0, 0.5)`` or leaves no value, on an empty client list,
+            inconsistent shapes, or invalid weights.
+    """
+    if not (isinstance(trim_fraction, int | float) and 0.0 <= trim_fraction < 0.5):
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+    _check_same_structure(arrays)
+    _check_weights(weights, len(arrays))
+    n = len(arrays)
+    k = math.floor(trim_fraction * n + 1e-9)
+    if n - 2 * k < 1:  # unreachable for trim_fraction < 0.5; kept as a guard for the rounding tolerance above
+        raise ValueError(f"trim_fraction={trim_fraction} trims {k} values from each end of {n}, leaving none")
+    out: NDArrays = []
+    for j in range(len(arrays[0])):
+        ordered = torch.sort(_stack(arrays, j), dim=0).values
+        kept = ordered[k : n - k]
+        out.append(kept.sum(dim=0, dtype=torch.float64).div_(n - 2 * k).to(torch.float32).numpy())
+    return out
+
+
+def _pairwise_sq_distances(arrays: Sequence[NDArrays]) -> np.ndarray:
+    """Squared Euclidean distances between clients, over all their arrays flattened and concatenated.
+
+    Computed as ``d_ab = G_aa + G_bb - 2 G_ab`` from the float64 Gram matrix ``G``, accumulated over column blocks
+    of at most ``_DISTANCE_CHUNK`` coordinates, so the work memory is ``n * _DISTANCE_CHUNK`` float64 values and
+    ``n x n`` scalars (never ``n^2`` copies of the model). Each block is centered on its per-coordinate mean first
+    (distances are translation invariant), which avoids cancellation when the clients are close to each other but
+    far from the origin. Clients with a NaN or infinite value are at distance ``inf`` from everyone else.
+    """
+    n = len(arrays)
+    finite = np.ones(n, dtype=bool)
+    for i, client in enumerate(arrays):
+        finite[i] = all(bool(torch.isfinite(_tensor_view(x, f"client {i}")).all()) for x in client)
+    idx = np.flatnonzero(finite)
+    gram = torch.zeros((idx.size, idx.size), dtype=torch.float64)
+    for j in range(len(arrays[0])):
+        flats = [_tensor_view(arrays[int(i)][j], f"client {int(i)}, array {j}").reshape(-1) for i in idx]
+        size = flats[0].numel() if flats else 0
+        for start in range(0, size, _DISTANCE_CHUNK):
+            block = torch.stack([f[start : start + _DISTANCE_CHUNK] for f in flats]).to(torch.float64)
+            block -= block.mean(dim=0, keepdim=True)
+            gram += block @ block.T
+    sq_norms = torch.diagonal(gram)
+    sub = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * gram).clamp_(min=0.0)
+    sub.fill_diagonal_(0.0)
+    dist = np.full((n, n), np.inf)
+    dist[np.ix_(idx, idx)] = sub.numpy()
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def krum_scores(arrays: Sequence[NDArrays], num_byzantine: int) -> np.ndarray:
+    """Krum score of every client (lower is more central).
+
+    Blanchard, El Mhamdi, Guerraoui and Stainer, 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent". With ``n`` clients of which at most ``f`` are Byzantine::
+
+        score(i) = sum_{j in N_i} ||x_i - x_j||^2
+
+    where ``N_i`` are the ``n - f - 2`` clients closest to ``i`` (``i`` excluded), and ``x_i`` is all of client
+    ``i``'s arrays flattened and concatenated. Requires ``n >= 2f + 3``. Clients with a NaN or infinite value get
+    score ``inf``.
+
+    Returns:
+        float64 array of shape ``(n,)``.
+
+    Raises:
+        ValueError: if ``num_byzantine < 0``, ``n < 2 * num_byzantine + 3``, or shapes are inconsistent.
+    """
+    if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int | np.integer) or num_byzantine < 0:
+        raise ValueError(f"num_byzantine must be a non-negative integer, got {num_byzantine!r}")
+    _check_same_structure(arrays)
+    n, f = len(arrays), int(num_byzantine)
+    if n < 2 * f + 3:
+        raise ValueError(f"Krum needs n >= 2f + 3 clients: got n={n} with f={f} (needs at least {2 * f + 3})")
+    dist = _pairwise_sq_distances(arrays)
+    num_neighbours = n - f - 2
+    scores = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        others = np.sort(np.delete(dist[i], i))
+        scores[i] = others[:num_neighbours].sum()
+    return scores
+
+
+def krum(arrays: Sequence[NDArrays], weights: Sequence[float], num_byzantine: int, num_selected: int = 1) -> NDArrays:
+    """Krum and Multi-Krum aggregation.
+
+    Blanchard, El Mhamdi, Guerraoui and Stainer, 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent". Clients are scored by :func:`krum_scores`
+    (``score(i) = sum of squared distances to its n - f - 2 nearest neighbours``). Krum (``num_selected = 1``)
+    returns the arrays of the client with the lowest score; Multi-Krum (``num_selected = m > 1``) returns the
+    weighted mean, by ``weights``, of the ``m`` lowest-scoring clients::
+
+        S = argmin_{|S| = m} sum_{i in S} score(i);   krum = sum_{i in S} n_i x_i / sum_{i in S} n_i
+
+    Ties are broken by the lower client index, so the result is deterministic. ``m = n`` gives the weighted mean
+    of all clients (no robustness); the paper's guarantees assume ``m <= n - f``.
+
+    Returns:
+        New float32 arrays.
+
+    Raises:
+        ValueError: if ``n < 2 * num_byzantine + 3`` (naming both numbers), ``num_selected`` is not in
+            ``[1, n]``, weights are invalid, or shapes are inconsistent.
+    """
+    scores = krum_scores(arrays, num_byzantine)
+    w = _check_weights(weights, len(arrays))
+    n = len(arrays)
+    if isinstance(num_selected, bool) or not isinstance(num_selected, int | np.integer) or not 1 <= num_selected <= n:
+        raise ValueError(f"num_selected must be an integer in [1, {n}] for {n} clients, got {num_selected!r}")
+    selected = np.argsort(scores, kind="stable")[: int(num_selected)]
+    return weighted_mean((arrays[int(i)] for i in selected), [float(w[i]) for i in selected])
+
+
+def fednova_combine(updates: Iterable[NDArrays], weights: Sequence[float], local_steps: Sequence[int]) -> NDArrays:
+    """FedNova aggregation of client updates for plain local SGD.
+
+    Wang, Liu, Liang, Joshi and Poor, 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+    Federated Optimization". Client ``i`` ran ``tau_i`` local SGD steps and sent ``u_i = w_i - w``. With
+    ``p_i = n_i / sum_k n_k``, FedNova averages the *normalized* updates and rescales by the effective step count::
+
+        d_i = u_i / tau_i;   tau_eff = sum_i p_i tau_i;   update = tau_eff * sum_i p_i d_i
+
+    so a client that ran more steps does not pull the model towards its own objective. For plain SGD the
+    normalizer ``||a_i||_1`` of the paper is ``tau_i``; local momentum or proximal terms need other normalizers
+    and are not covered here. With equal ``tau_i`` this is the weighted mean of the ``u_i``.
+
+    ``updates`` may be a generator; it is consumed once, one client at a time (see :func:`weighted_mean`).
+
+    Returns:
+        The aggregated update (not the new weights), as new float32 arrays.
+
+    Raises:
+        ValueError: if a weight is not positive and finite, a step count is not a positive integer, the counts
+            of clients, weights and step counts differ, or shapes are inconsistent.
+    """
+    w = _check_weights(weights, None)
+    steps = list(local_steps)
+    if len(steps) != w.size:
+        raise ValueError(f"got {w.size} weights but {len(steps)} local step counts")
+    for i, t in enumerate(steps):
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 1:
+            raise ValueError(f"local_steps must be positive integers; client {i} has {t!r}")
+    tau = np.asarray(steps, dtype=np.float64)
+    p = w / w.sum()
+    tau_eff = float(np.dot(p, tau))
+    return _stream_weighted_sum(updates, tau_eff * p / tau)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AggregatorParams:
+    """Settings of the robust aggregators; each aggregator reads only its own (see :data:`AGGREGATOR_PARAMS_USED`).
+
+    Attributes:
+        trim_fraction: ``trimmed-mean``: fraction of clients dropped at *each* end, per coordinate; in ``[0, 0.5)``.
+        num_byzantine: ``krum``/``multi-krum``: assumed maximum number of Byzantine clients ``f >= 0``; a round
+            needs ``n >= 2f + 3`` replies.
+        num_selected: ``multi-krum``: number ``m`` of lowest-score clients averaged. ``0`` (the default) means
+            ``m = n - f``, the largest set the paper's analysis covers; otherwise ``1 <= m <= n``. ``krum`` always
+            selects one client.
+    """
+
+    trim_fraction: float = 0.2
+    num_byzantine: int = 1
+    num_selected: int = 0
+
+    def __post_init__(self) -> None:
+        tf = self.trim_fraction
+        if isinstance(tf, bool) or not isinstance(tf, int | float) or not 0.0 <= tf < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {tf!r}")
+        f = self.num_byzantine
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"num_byzantine must be a non-negative integer, got {f!r}")
+        m = self.num_selected
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"num_selected must be a non-negative integer (0: n - num_byzantine), got {m!r}")
+
+
+Aggregator: TypeAlias = Callable[[Sequence[NDArrays], Sequence[float], AggregatorParams], NDArrays]
+
+
+def _mean_rule(arrays: Sequence[NDArrays], weights: Sequence[float], params: AggregatorParams) -> NDArrays:
+    return weighted_mean(arrays, weights)
+
+
+def _median_rule(arrays: Sequence[NDArrays], weights: Sequence[float], params: AggregatorParams) -> NDArrays:
+    return coordinate_median(arrays, weights)
+
+
+def _trimmed_mean_rule(arrays: Sequence[NDArrays], weights: Sequence[float], params: AggregatorParams) -> NDArrays:
+    return trimmed_mean(arrays, weights, params.trim_fraction)
+
+
+def _krum_rule(arrays: Sequence[NDArrays], weights: Sequence[float], params: AggregatorParams) -> NDArrays:
+    return krum(arrays, weights, params.num_byzantine, num_selected=1)
+
+
+def _multi_krum_rule(arrays: Sequence[NDArrays], weights: Sequence[float], params: AggregatorParams) -> NDArrays:
+    m = params.num_selected if params.num_selected > 0 else len(arrays) - params.num_byzantine
+    return krum(arrays, weights, params.num_byzantine, num_selected=m)
+
+
+AGGREGATORS: dict[str, Aggregator] = {
+    "krum": _krum_rule,
+    "mean": _mean_rule,
+    "median": _median_rule,
+    "multi-krum": _multi_krum_rule,
+    "trimmed-mean": _trimmed_mean_rule,
+}
+"""Run-config name -> aggregation rule ``(arrays, weights, params) -> arrays``."""
+
+AGGREGATOR_PARAMS_USED: dict[str, frozenset[str]] = {
+    "krum": frozenset({"num_byzantine"}),
+    "mean": frozenset(),
+    "median": frozenset(),
+    "multi-krum": frozenset({"num_byzantine", "num_selected"}),
+    "trimmed-mean": frozenset({"trim_fraction"}),
+}
+"""Which :class:`AggregatorParams` fields each rule reads; a caller can reject settings that would do nothing."""
+
+
+def get_aggregator(name: str) -> Aggregator:
+    """Look up an aggregation rule by its run-config name.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    try:
+        return AGGREGATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown aggregator {name!r}; choose one of: {', '.join(sorted(AGGREGATORS))}") from None
