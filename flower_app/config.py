@@ -134,6 +134,36 @@ class AppConfig:
     output_dir: str = _opt("outputs", "where metrics, plots, checkpoints and the final model go")
     resume: bool = _opt(False, "continue from output-dir/checkpoint.pt")
     checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1)
+    # --- privacy: secure aggregation and differential privacy (flower_app/privacy.py; README "Privacy") ---
+    secure_aggregation: bool = _opt(False, "SecAgg+: the server only sees the sum of the client updates")
+    secagg_num_shares: float = _opt(
+        1.0, "SecAgg+ shares per client secret: a fraction of the round's clients (<= 1) or a count (odd, >= 3)", gt=0.0
+    )
+    secagg_reconstruction_threshold: float = _opt(
+        0.6, "SecAgg+ shares needed to rebuild a secret: a fraction of the shares (<= 1) or a count (>= 2)", gt=0.0
+    )
+    secagg_clipping_range: float = _opt(8.0, "SecAgg+ clips every sent value to [-range, range] before quantizing", gt=0.0)
+    secagg_quantization_range: int = _opt(4194304, "SecAgg+ quantization levels per value (2^22)", min=2, max=2**30)
+    secagg_max_weight: float = _opt(
+        1000.0, "SecAgg+ weights an update by num_examples / this (keep it >= the largest client's examples)", gt=0.0
+    )
+    dp_mode: str = _opt(
+        "none", "differential privacy: none, central-server, central-client or local",
+        choices=("none", "central-server", "central-client", "local"),
+    )
+    dp_clipping: str = _opt("fixed", "update clipping: fixed norm, or adaptive (Andrew et al. 2021)", choices=("fixed", "adaptive"))
+    dp_clipping_norm: float = _opt(1.0, "L2 norm each client update is clipped to (initial norm when adaptive)", gt=0.0)
+    dp_noise_multiplier: float = _opt(1.0, "Gaussian noise std on the sum of updates, in units of the clipping norm", min=0.0)
+    dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) guarantee that is reported", gt=0.0, lt=1.0)
+    dp_target_epsilon: float = _opt(0.0, "stop training before epsilon would exceed this (0 = no limit)", min=0.0)
+    dp_population_size: int = _opt(
+        0, "clients in the federation, for the sampling rate (0 = clients connected in the first round)", min=0
+    )
+    dp_target_quantile: float = _opt(0.5, "adaptive clipping: fraction of updates meant to be left unclipped", gt=0.0, lt=1.0)
+    dp_clip_learning_rate: float = _opt(0.2, "adaptive clipping: geometric step of the clipping norm", gt=0.0)
+    dp_clip_count_stddev: float = _opt(
+        0.0, "adaptive clipping: noise std on the unclipped count (0 = expected clients per round / 20)", min=0.0
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -155,6 +185,9 @@ class AppConfig:
             raise ConfigError("compression 'topk' sparsifies updates: set send-delta=true (sparse weights make no sense)")
         if self.strategy == "fedsgd" and self.send_delta:
             raise ConfigError("strategy 'fedsgd' sends gradients; send-delta must be false")
+        from flower_app.privacy import check_privacy_config  # the privacy section's own checks
+
+        check_privacy_config(self)
 
     def to_run_config(self) -> dict[str, Scalar]:
         """The kebab-case mapping that `parse_run_config` reads back."""

@@ -72,6 +72,9 @@ class StrategyOptions:
     seed: int = 0
     send_delta: bool = False
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    # Secure aggregation (SecAgg+): every result carries the same payload, the protocol's
+    # example-weighted mean of all clients' payloads; it is used once, as the aggregate.
+    preaggregated: bool = False
 
 
 @dataclass
@@ -183,6 +186,10 @@ class FederatedStrategy(Strategy):
         self._num_available = 0
         # Per client: what it reported of its data (data_* metrics), for partitions.csv.
         self.data_summary: dict[str, dict[str, Scalar]] = {}
+        # Called with the round's accepted updates right before aggregation; returns the updates
+        # to aggregate (an empty list leaves the model unchanged). Central DP clips and noises
+        # here (flower_app/privacy.py).
+        self.update_hook: Callable[[RoundRecord, list[_Update]], list[_Update]] | None = None
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -263,6 +270,10 @@ class FederatedStrategy(Strategy):
             data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
             if data:
                 self.data_summary[u.cid] = {"client": u.cid, **data}
+        if self.update_hook is not None:
+            accepted = self.update_hook(record, accepted)
+            if not accepted:
+                return None, {}
         self._apply(accepted)
         record.updated = True
         fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
@@ -412,7 +423,9 @@ class FederatedStrategy(Strategy):
             steps = [int(u.metrics["local_steps"]) for u in updates]
             pseudo_grad = [-d for d in fednova_combine(deltas, weights, steps)]
         else:
-            if self.options.aggregator == "mean":
+            if self.options.preaggregated:
+                combined = updates[0].arrays  # the protocol's mean; every result holds the same one
+            elif self.options.aggregator == "mean":
                 mean = StreamingMean()
                 for u in updates:
                     mean.add(u.arrays, u.num_examples)
