@@ -185,6 +185,13 @@ class AppConfig:
             raise ConfigError("compression 'topk' sparsifies updates: set send-delta=true (sparse weights make no sense)")
         if self.strategy == "fedsgd" and self.send_delta:
             raise ConfigError("strategy 'fedsgd' sends gradients; send-delta must be false")
+        if self.dataset == "synthetic" and self.num_partitions == 0:
+            # The source generates one device per partition: a server reading num-partitions=0 would
+            # generate (and evaluate on) a different, one-device data set than the clients train on.
+            raise ConfigError(
+                "dataset 'synthetic' generates one device per client: set num-partitions to the number of clients "
+                "(0 would let the server and the clients generate different data)"
+            )
         from flower_app.privacy import check_privacy_config  # the privacy section's own checks
 
         check_privacy_config(self)

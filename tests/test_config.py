@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from flower_app.config import AppConfig, ConfigError, parse_run_config
 
@@ -74,3 +75,17 @@ def test_bad_values_name_the_key_and_the_choices(overrides: dict, message: str) 
     with pytest.raises(ConfigError) as err:
         parse_run_config(overrides)
     assert message in str(err.value)
+
+
+def test_synthetic_needs_num_partitions_so_server_and_clients_generate_the_same_data() -> None:
+    # Regression: with num-partitions=0 the server generated Synthetic with one device (all labels one
+    # class) while the clients generated N devices, so central accuracy measured the wrong data.
+    with pytest.raises(ConfigError, match="dataset 'synthetic' generates one device per client"):
+        parse_run_config({"dataset": "synthetic"})
+    from flower_app.data import client_data, server_source
+
+    cfg = parse_run_config({"dataset": "synthetic", "num-partitions": 4, "num-samples": 200, "partitioner": "natural"})
+    parts = [client_data(cfg, {"partition-id": i}) for i in range(4)]
+    source = server_source(cfg)
+    pooled = sorted(map(tuple, torch.cat([torch.cat([p.train.x, p.val.x]) for p in parts]).tolist()))
+    assert pooled == sorted(map(tuple, source.train.x.tolist()))  # the server's data is the clients' data
