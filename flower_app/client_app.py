@@ -11,6 +11,7 @@ from flwr.common import ArrayRecord, Context, RecordDict, Scalar
 
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import ClientData, client_data, label_counts
+from flower_app.privacy import client_mods, private_fit_report, privatize_fit
 from flower_app.task import (
     NDArrays,
     TrainOptions,
@@ -100,16 +101,18 @@ class FlowerClient(NumPyClient):
             metrics.update(train_loss=result.loss, local_steps=result.num_steps)
             if result.accuracy is not None:
                 metrics["train_accuracy"] = result.accuracy
+        payload, private_extras = privatize_fit(self.cfg, config, payload, global_weights)  # DP: clip + noise
         wire, residual = compress(payload, self.codec, _load(self.state, RESIDUAL_KEY))
         _store(self.state, RESIDUAL_KEY, residual)
-        wire = wire + extras
+        wire = wire + extras + private_extras
         metrics.update(
             num_upload_bytes=wire_nbytes(wire),
             data_partition=self.data.partition_id,
             data_num_examples=len(self.data.train),
             **label_counts(self.data.train, self.data.num_classes),
         )
-        return wire, len(self.data.train), metrics
+        num_examples, metrics = private_fit_report(self.cfg, wire, len(self.data.train), metrics)
+        return wire, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         set_weights(self.model, self.spec, parameters[: len(self.spec)])
@@ -155,4 +158,4 @@ def client_fn(context: Context):  # type: ignore[no-untyped-def]
     return FlowerClient(cfg, data, context.state).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+app = ClientApp(client_fn=client_fn, mods=client_mods())  # SecAgg+ when the run config asks for it

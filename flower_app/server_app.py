@@ -11,12 +11,23 @@ import torch
 from flwr.common import Context, Scalar
 from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.serverapp import Grid
 
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.client_app import compression_config
 from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
-from flower_app.task import build_model, evaluate, get_weights, make_loader, resolve_device, set_weights, weight_spec
+from flower_app.privacy import check_privacy_model, run_server, wrap_strategy
+from flower_app.task import (
+    build_model,
+    evaluate,
+    get_weights,
+    make_loader,
+    resolve_device,
+    resolve_model_name,
+    set_weights,
+    weight_spec,
+)
 from strategies.aggregators import AggregatorParams
 from strategies.base import FederatedStrategy, StrategyOptions
 from strategies.optimizers import ServerOptHParams
@@ -79,6 +90,8 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
     strategy = FederatedStrategy(
         strategy_options(cfg), get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round
     )
+    check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
+    strategy = wrap_strategy(cfg, strategy)  # itself unless secure aggregation or DP is on
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint["strategy"])
         log(INFO, "resuming from round %d of %d (%s)", start_round, cfg.num_server_rounds, cfg.output_dir)
@@ -93,4 +106,11 @@ def server_fn(context: Context) -> ServerAppComponents:
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))
 
 
-app = ServerApp(server_fn=server_fn)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    # As ServerApp(server_fn=server_fn) would run it, or through the SecAgg+ workflow when the
+    # run config asks for secure aggregation (flower_app/privacy.py).
+    run_server(grid, context, server_fn)
