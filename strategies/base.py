@@ -46,7 +46,7 @@ from strategies.compression import CompressionConfig, decompress
 from strategies.optimizers import ServerOptHParams, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
 from strategies.serde import views
-from strategies.streaming import StreamingMean
+from strategies.streaming import StreamingMean, blocked_weighted_mean
 from strategies.validation import check_update
 
 NDArrays = list[np.ndarray]
@@ -252,7 +252,11 @@ class FederatedStrategy(Strategy):
         for failure in failures:
             log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
         record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
-        accepted = self._accept(record, results)
+        lazy = self._lazy_mean()
+        accepted = self._accept(record, results, decode=not lazy)
+        combined = self._mean_of(record, accepted) if lazy and accepted else None
+        if lazy:
+            accepted = [u for u in accepted if not u.rejected]
         bad = len(failures) + record.rejected
         attempted = len(results) + len(failures)
         if not accepted:
@@ -274,7 +278,7 @@ class FederatedStrategy(Strategy):
             accepted = self.update_hook(record, accepted)
             if not accepted:
                 return None, {}
-        self._apply(accepted)
+        self._apply(accepted, combined)
         record.updated = True
         fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
         record.train_loss = fit_metrics.pop("train_loss", math.nan)
@@ -381,8 +385,8 @@ class FederatedStrategy(Strategy):
     def _trainable_part(self, arrays: Sequence[np.ndarray]) -> NDArrays:
         return [a for a, t in zip(arrays, self.trainable) if t]
 
-    def _decode(self, res: FitRes) -> tuple[NDArrays, NDArrays]:
-        """Client arrays (as float32) and SCAFFOLD control deltas (empty otherwise)."""
+    def _split(self, res: FitRes) -> tuple[NDArrays, NDArrays]:
+        """The received payload (zero-copy views) and SCAFFOLD control deltas (empty otherwise)."""
         arrays = views(res.parameters.tensors)
         extras: NDArrays = []
         if self.rule.scaffold:
@@ -390,47 +394,112 @@ class FederatedStrategy(Strategy):
             if len(arrays) < n:
                 raise ValueError(f"expected the model payload plus {n} control-variate arrays, got {len(arrays)} arrays")
             arrays, extras = arrays[: len(arrays) - n], arrays[len(arrays) - n :]
-        return decompress(arrays, self.shapes, self.options.compression), extras
+        return arrays, extras
 
-    def _accept(self, record: RoundRecord, results: list[tuple[ClientProxy, FitRes]]) -> list[_Update]:
-        """Decode and validate each result; rejected ones are logged and left out."""
+    def _lazy_mean(self) -> bool:
+        """Whether this round can average without holding every decoded update at once."""
+        return (
+            self.options.aggregator == "mean"
+            and not self.rule.fednova
+            and not self.options.preaggregated
+            and self.update_hook is None
+        )
+
+    def _reject(self, record: RoundRecord, cid: str, reason: str) -> None:
+        record.rejected += 1
+        log(WARNING, "round %d: rejected update from client %s: %s", record.round, cid, reason)
+
+    def _accept(self, record: RoundRecord, results: list[tuple[ClientProxy, FitRes]], decode: bool) -> list[_Update]:
+        """Check each result; rejected ones are logged and left out.
+
+        With ``decode``, every payload is decoded and fully checked now. Without it only what needs
+        no pass over the data is checked (counts, SCAFFOLD extras, FedNova's steps); `_mean_of`
+        decodes and checks the rest while it averages.
+        """
         accepted: list[_Update] = []
         control_shapes = [s for s, t in zip(self.shapes, self.trainable) if t]
         for proxy, res in results:
             try:
-                arrays, extras = self._decode(res)
-                reason = check_update(arrays, self.shapes, res.num_examples)
+                wire, extras = self._split(res)
+                reason = None if res.num_examples > 0 else f"num_examples must be a positive integer, got {res.num_examples!r}"
                 if reason is None and self.rule.scaffold:
                     reason = check_update(extras, control_shapes, res.num_examples)
                     reason = f"control variate: {reason}" if reason else None
                 steps = res.metrics.get("local_steps", 0)
                 if reason is None and self.rule.fednova and not (isinstance(steps, int) and steps > 0):
-                    reason = f"fednova needs a positive integer metric num_steps, got {steps!r}"
+                    reason = f"fednova needs a positive integer metric local_steps, got {steps!r}"
+                arrays: NDArrays = []
+                if reason is None and decode:
+                    arrays = decompress(wire, self.shapes, self.options.compression)
+                    reason = check_update(arrays, self.shapes, res.num_examples)
             except ValueError as err:
                 reason = str(err)
             if reason is not None:
-                record.rejected += 1
-                log(WARNING, "round %d: rejected update from client %s: %s", record.round, proxy.cid, reason)
+                self._reject(record, proxy.cid, reason)
                 continue
-            accepted.append(_Update(proxy.cid, arrays, extras, int(res.num_examples), dict(res.metrics)))
+            accepted.append(_Update(proxy.cid, arrays, extras, int(res.num_examples), dict(res.metrics), wire))
         return accepted
 
-    def _apply(self, updates: list[_Update]) -> None:
-        """Aggregate the accepted payloads and take the server optimizer's step."""
+    def _mean_of(self, record: RoundRecord, updates: list[_Update]) -> NDArrays | None:
+        """The example-weighted mean of the payloads, rejecting (marking) bad ones on the way.
+
+        Uncompressed payloads are zero-copy views of the received bytes: they are averaged by
+        `blocked_weighted_mean`, which reads each once and reports non-finite clients. Compressed
+        payloads are decoded, checked and added one at a time, so one decoded update is alive.
+        """
+        codec = self.options.compression
+        if codec.codec == "none":
+            for u in updates:
+                # Uncompressed float32 payloads are used as received (reshaped views; the codec sends
+                # tensors flat); finiteness is checked inside the mean's single pass.
+                reason = _check_flat_float32(u.wire, self.shapes)
+                if reason is None:
+                    u.arrays = [w.reshape(shape) for w, shape in zip(u.wire, self.shapes)]
+                if reason is not None:
+                    u.rejected = True
+                    self._reject(record, u.cid, reason)
+            while True:
+                live = [u for u in updates if not u.rejected]
+                if not live:
+                    return None
+                combined, bad = blocked_weighted_mean([u.arrays for u in live], [float(u.num_examples) for u in live])
+                if not bad:
+                    break
+                for i in bad:
+                    live[i].rejected = True
+                    self._reject(record, live[i].cid, "the update contains NaN or Inf")
+            for u in updates:
+                u.arrays = []
+            return combined
+        mean = StreamingMean()
+        for u in updates:
+            try:
+                arrays = decompress(u.wire, self.shapes, codec)
+                reason = check_update(arrays, self.shapes, u.num_examples)
+            except ValueError as err:
+                reason = str(err)
+            if reason is not None:
+                u.rejected = True
+                self._reject(record, u.cid, reason)
+                continue
+            mean.add(arrays, u.num_examples)
+            del arrays
+        return mean.result() if mean.count else None
+
+    def _apply(self, updates: list[_Update], combined: NDArrays | None = None) -> None:
+        """Aggregate the accepted payloads (unless ``combined`` is given) and take the server step."""
         weights = [float(u.num_examples) for u in updates]
         if self.rule.fednova:
             deltas = [u.arrays if self.kind == "delta" else [c - w for c, w in zip(u.arrays, self.weights)] for u in updates]
             steps = [int(u.metrics["local_steps"]) for u in updates]
             pseudo_grad = [-d for d in fednova_combine(deltas, weights, steps)]
         else:
-            if self.options.preaggregated:
+            if combined is not None:
+                pass
+            elif self.options.preaggregated:
                 combined = updates[0].arrays  # the protocol's mean; every result holds the same one
             elif self.options.aggregator == "mean":
-                mean = StreamingMean()
-                for u in updates:
-                    mean.add(u.arrays, u.num_examples)
-                    u.arrays = []  # drop the reference: the accumulator holds what is needed
-                combined = mean.result()
+                combined, _ = blocked_weighted_mean([u.arrays for u in updates], weights)
             else:
                 combined = self.aggregate_fn([u.arrays for u in updates], weights, self.options.aggregator_params)
             pseudo_grad = _pseudo_gradient(self.kind, self.weights, combined)
@@ -444,19 +513,39 @@ class FederatedStrategy(Strategy):
 @dataclass
 class _Update:
     cid: str
-    arrays: NDArrays
-    extras: NDArrays
+    arrays: NDArrays  # decoded float32 payload ([] until decoded)
+    extras: NDArrays  # SCAFFOLD control-variate delta
     num_examples: int
     metrics: dict[str, Scalar]
+    wire: NDArrays = field(default_factory=list)  # the payload as received (zero-copy views)
+    rejected: bool = False
 
 
 def _pseudo_gradient(kind: str, weights: NDArrays, combined: NDArrays) -> NDArrays:
-    """g such that the server optimizer's ``w - lr * g`` with lr = 1 reproduces averaging."""
-    if kind == "weights":
-        return [np.subtract(w, c, dtype=np.float32) for w, c in zip(weights, combined)]
-    if kind == "delta":
-        return [np.negative(c, dtype=np.float32) for c in combined]
-    return [np.asarray(c, dtype=np.float32) for c in combined]
+    """g such that the server optimizer's ``w - lr * g`` with lr = 1 reproduces averaging.
+
+    Written into ``combined`` (a fresh aggregate the caller owns) to save a model's worth of memory.
+    """
+    out = [np.asarray(c, dtype=np.float32) for c in combined]
+    out = [o if o.flags.writeable else o.copy() for o in out]
+    for w, o in zip(weights, out):
+        if kind == "weights":
+            np.subtract(w, o, out=o)
+        elif kind == "delta":
+            np.negative(o, out=o)
+    return out
+
+
+def _check_flat_float32(wire: NDArrays, shapes: Sequence[tuple[int, ...]]) -> str | None:
+    """Count, size and dtype of an uncompressed payload (no pass over the data)."""
+    if len(wire) != len(shapes):
+        return f"expected {len(shapes)} arrays, got {len(wire)}"
+    for i, (w, shape) in enumerate(zip(wire, shapes)):
+        if w.dtype != np.float32:
+            return f"array {i} has dtype {w.dtype}, expected float32"
+        if w.size != math.prod(shape):
+            return f"array {i} has {w.size} values, expected {math.prod(shape)} for shape {tuple(shape)}"
+    return None
 
 
 def _nbytes(parameters: Parameters) -> int:

@@ -1,7 +1,21 @@
-"""A weighted mean accumulated one client at a time, in place."""
+"""Weighted means computed in place, with one float32 accumulator per array.
+
+Two shapes of the same computation, sum_i w_i x_i / sum_i w_i:
+
+- `blocked_weighted_mean` when every client's arrays are already in memory (Flower hands the
+  strategy all replies at once; `strategies.serde.views` reads them without copying). It walks the
+  model in cache-sized blocks and adds every client's block while the accumulator block stays in
+  cache, so each update is read from memory exactly once and the result written once: the memory
+  floor of the computation. The finiteness check of each update is fused into the same pass.
+- `StreamingMean` when clients arrive one at a time (e.g. decoded from a compressed payload), so
+  that only one decoded update is alive at once.
+
+Neither makes a weighted copy of any update; inputs may be read-only and are never written.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -10,14 +24,63 @@ import torch
 
 NDArrays = list[np.ndarray]
 
+BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: the accumulator block plus one input block fit in L2
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory (read-only inputs included: they are only read)."""
+    array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _check_weights(weights: Sequence[float]) -> None:
+    for i, w in enumerate(weights):
+        if not (w > 0 and math.isfinite(w)):
+            raise ValueError(f"weight of client {i} must be positive and finite, got {w}")
+
+
+def blocked_weighted_mean(
+    clients: Sequence[Sequence[np.ndarray]], weights: Sequence[float], block_elements: int = BLOCK_ELEMENTS
+) -> tuple[NDArrays, list[int]]:
+    """Weighted mean of equally shaped clients, and the indices of clients holding NaN or Inf.
+
+    When some client is not finite the returned mean is meaningless: drop those clients and call
+    again. Shapes must already agree (`strategies.validation.check_update` without the finiteness
+    check is the cheap way to ensure it).
+    """
+    if not clients:
+        raise ValueError("no client to average")
+    if len(weights) != len(clients):
+        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
+    _check_weights(weights)
+    total = float(sum(weights))
+    scale = [w / total for w in weights]
+    finite = [True] * len(clients)
+    out: NDArrays = []
+    for j, first in enumerate(clients[0]):
+        flat = [_as_tensor(np.asarray(c[j])).reshape(-1) for c in clients]
+        for i, t in enumerate(flat):
+            if t.numel() != flat[0].numel():
+                raise ValueError(f"client {i}, array {j}: {t.numel()} elements, expected {flat[0].numel()}")
+        acc = torch.empty(flat[0].numel(), dtype=torch.float32)
+        for start in range(0, acc.numel(), block_elements):
+            block = acc[start : start + block_elements]
+            for i, t in enumerate(flat):
+                chunk = t[start : start + block_elements]
+                if finite[i] and not torch.isfinite(chunk.sum()):
+                    finite[i] = bool(torch.isfinite(chunk).all())  # a finite sum implies finite values
+                if i == 0:
+                    torch.mul(chunk, scale[0], out=block)
+                else:
+                    block.add_(chunk, alpha=scale[i])
+        out.append(acc.numpy().reshape(np.shape(first)))
+    return out, [i for i, ok in enumerate(finite) if not ok]
+
 
 class StreamingMean:
-    """sum_i w_i x_i / sum_i w_i with one float32 accumulator per array.
-
-    Each `add` reads the client's arrays once (`acc += w * x` via ``torch.add_``, which needs no
-    temporary), so the extra memory is one model's worth however many clients report. Inputs
-    may be read-only views (e.g. of Flower's received bytes); they are never written.
-    """
+    """sum_i w_i x_i / sum_i w_i, adding one client at a time into one accumulator per array."""
 
     def __init__(self) -> None:
         self._acc: list[torch.Tensor] | None = None
@@ -25,9 +88,8 @@ class StreamingMean:
         self.count = 0
 
     def add(self, arrays: Sequence[np.ndarray], weight: float) -> None:
-        if not (weight > 0 and np.isfinite(weight)):
-            raise ValueError(f"weight must be positive and finite, got {weight}")
-        tensors = [_as_tensor(a) for a in arrays]
+        _check_weights([weight])
+        tensors = [_as_tensor(np.asarray(a)) for a in arrays]
         if self._acc is None:
             self._acc = [t.to(torch.float32).mul(weight) for t in tensors]
         else:
@@ -45,11 +107,3 @@ class StreamingMean:
             raise ValueError("no client was added")
         scale = 1.0 / self.total_weight
         return [acc.mul_(scale).numpy() for acc in self._acc]
-
-
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory (read-only inputs included: they are only read)."""
-    array = np.ascontiguousarray(array)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
