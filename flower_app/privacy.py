@@ -121,8 +121,11 @@ def _check_secagg_counts(cfg: AppConfig) -> None:
     from flower_app.config import ConfigError
 
     shares, threshold = cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold
-    if shares > 1 and (shares != int(shares) or shares < 3):
-        raise ConfigError(f"secagg-num-shares: a count must be an integer >= 3 (or a fraction <= 1), got {shares:g}")
+    if shares > 1 and (shares != int(shares) or shares < 3 or int(shares) % 2 == 0):
+        raise ConfigError(
+            f"secagg-num-shares: a count must be an odd integer >= 3 (each client shares with itself and the same "
+            f"number of neighbours on either side), or a fraction <= 1; got {shares:g}"
+        )
     if threshold > 1 and (threshold != int(threshold) or threshold < 2):
         raise ConfigError(
             f"secagg-reconstruction-threshold: a count must be an integer >= 2 (or a fraction <= 1), got {threshold:g}"
