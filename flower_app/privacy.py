@@ -405,8 +405,10 @@ class PrivateStrategy(Strategy):
         bits: list[float] = []
         if plan is not None and self.cfg.dp_mode == "central-client" and self.cfg.dp_clipping == "adaptive":
             results, bits = _split_clipping_bits(results)
-        if self.cfg.secure_aggregation and results:
-            results = _as_float32_aggregate(results)
+        if self.cfg.secure_aggregation:
+            failures = _distinct_failures(failures)
+            if results:
+                results = _as_float32_aggregate(results)
         if plan is not None and self.cfg.dp_mode in ("central-client", "local") and results:
             plan.released = True  # the clients' noisy updates reached the server
         parameters, metrics = self.inner.aggregate_fit(server_round, results, failures)
@@ -572,6 +574,19 @@ def _split_clipping_bits(
         res.parameters = Parameters(tensors=list(tensors[:-1]), tensor_type=res.parameters.tensor_type)
         kept.append((proxy, res))
     return kept, bits
+
+
+def _distinct_failures(failures: list[Any]) -> list[Any]:
+    """Flower 1.42's SecAgg+ workflow records a client lost while sending its masked vector twice
+    (once per loop over the replies, each time as a new Exception around the same error)."""
+    seen: set[int] = set()
+    distinct = []
+    for failure in failures:
+        key = id(failure.args[0]) if isinstance(failure, Exception) and failure.args else id(failure)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(failure)
+    return distinct
 
 
 def _as_float32_aggregate(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
