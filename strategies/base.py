@@ -333,7 +333,7 @@ class FederatedStrategy(Strategy):
         record.federated_accuracy = metrics.pop("accuracy", math.nan)
         record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
         self._finish_round()
-        return loss, metrics
+        return loss, dict[str, Scalar](metrics)
 
     # -------------------------------------------------------------------------- internals
     def _ensure_record(self, server_round: int) -> RoundRecord:
