@@ -162,7 +162,7 @@ class AppConfig:
     dp_target_quantile: float = _opt(0.5, "adaptive clipping: fraction of updates meant to be left unclipped", gt=0.0, lt=1.0)
     dp_clip_learning_rate: float = _opt(0.2, "adaptive clipping: geometric step of the clipping norm", gt=0.0)
     dp_clip_count_stddev: float = _opt(
-        0.0, "adaptive clipping: noise std on the unclipped count (0 = expected clients per round / 20)", min=0.0
+        0.0, "adaptive clipping: noise std on the unclipped count (0 = max(clients per round / 20, dp-noise-multiplier))", min=0.0
     )
 
     def __post_init__(self) -> None:
