@@ -151,10 +151,57 @@ class FlowerClient(NumPyClient):
         return [(n - o).astype(np.float32) for n, o in zip(new_own, own)]
 
 
+# --------------------------------------------------------------- fault injection (tests only)
+# TEST-ONLY HOOK: a SuperNode started with `--node-config "... fault=nan"` (or `fault=shape`) sends
+# a malformed update from every fit, so the deployment tests (tests/test_faults.py) can check that
+# the server rejects it and the global model is unharmed. Never set `fault` on a real node.
+FAULTS = ("nan", "shape")
+
+
+def corrupt_update(kind: str, arrays: NDArrays) -> NDArrays:
+    """A malformed copy of a fit reply: a NaN in its first float array, or its first array one element short."""
+    bad = [np.array(a, copy=True) for a in arrays]
+    if kind == "nan":
+        target = next(i for i, a in enumerate(bad) if np.issubdtype(a.dtype, np.floating))
+        bad[target].reshape(-1)[0] = np.nan
+    elif kind == "shape":
+        bad[0] = bad[0].reshape(-1)[:-1]
+    else:
+        raise ValueError(f"node-config fault: unknown value {kind!r}; choose one of: {', '.join(FAULTS)}")
+    return bad
+
+
+class FaultInjectingClient(FlowerClient):
+    """TEST-ONLY: a FlowerClient whose fit replies are corrupted by `corrupt_update`."""
+
+    def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict, fault: str) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"node-config fault: unknown value {fault!r}; choose one of: {', '.join(FAULTS)}")
+        super().__init__(cfg, data, state)
+        self.fault = fault
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        arrays, num_examples, metrics = super().fit(parameters, config)
+        return corrupt_update(self.fault, arrays), num_examples, metrics
+
+
+class NodeDataError(RuntimeError):
+    """This node's data could not be loaded; the server logs the message as the client's failure."""
+
+
 def client_fn(context: Context):  # type: ignore[no-untyped-def]
     """Build this node's client from the run config and its node config."""
     cfg = parse_run_config(context.run_config)
-    data = client_data(cfg, context.node_config)
+    try:
+        data = client_data(cfg, context.node_config)
+    except (OSError, ValueError) as err:  # missing/unreadable file, bad CSV, bad node config
+        raise NodeDataError(
+            f"node {context.node_id} cannot load its data (node-config {dict(context.node_config)}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    fault = str(context.node_config.get("fault", ""))
+    if fault:
+        return FaultInjectingClient(cfg, data, context.state, fault).to_client()
     return FlowerClient(cfg, data, context.state).to_client()
 
 

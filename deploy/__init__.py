@@ -1,0 +1,1 @@
+"""Deployment tooling: certificates and keys (make_certs), the image's requirements (requirements), lint.sh."""
