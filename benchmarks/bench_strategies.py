@@ -105,12 +105,12 @@ SERVER_DEFAULTS: dict[str, Value] = {
 
 # rule -> (run-config key, grid), tuned per setting on the clients' validation splits.
 TUNING_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "fedsgd": ("server-learning-rate", (0.3, 1.0, 3.0)),
-    "fedavgm": ("server-learning-rate", (0.1, 0.3, 1.0)),
+    "fedsgd": ("server-learning-rate", (0.03, 0.1, 0.3, 1.0)),
+    "fedavgm": ("server-learning-rate", (0.1, 0.3, 1.0, 3.0)),
     "fedprox": ("proximal-mu", (0.01, 0.1, 1.0)),
     "fedadam": ("server-learning-rate", (0.01, 0.03, 0.1)),
     "fedyogi": ("server-learning-rate", (0.01, 0.03, 0.1)),
-    "fedadagrad": ("server-learning-rate", (0.01, 0.03, 0.1)),
+    "fedadagrad": ("server-learning-rate", (0.03, 0.1, 0.3)),
 }
 
 RULES = ("fedavg", "fedsgd", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
@@ -360,6 +360,11 @@ def tune(setting: Setting, config: Mapping[str, Value], num_clients: int, tune_r
                 best = (score, value)
         assert best is not None
         chosen[rule] = {key: best[1]}
+        for row in rows:
+            if row["setting"] == setting.name and row["rule"] == rule:
+                row["chosen"] = row["value"] == best[1]
+        if best[1] in (grid[0], grid[-1]):
+            logger.warning("  tune %s: best %s=%g is at the edge of the grid %s", rule, key, best[1], grid)
     return chosen, rows
 
 
