@@ -62,7 +62,7 @@ def config(out: Path, **overrides: Any) -> dict[str, Any]:
 def accuracy_vs_epsilon(noise_multipliers: list[float], rounds: int, work: Path) -> pd.DataFrame:
     common = {
         "num-server-rounds": rounds, "num-partitions": 20, "min-fit-clients": 10, "min-available-clients": 20,
-        "fraction-fit": 0.5, "model": "mlp", "hidden-size": 32, "local-epochs": 1, "batch-size": 16,
+        "fraction-fit": 0.5, "model": "mlp", "hidden-size": 16, "local-epochs": 2, "batch-size": 16,
         "learning-rate": 0.1, "dp-clipping-norm": 1.0, "dp-delta": 1e-5,
     }
     frames = []

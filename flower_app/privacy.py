@@ -448,7 +448,7 @@ class PrivateStrategy(Strategy):
         return self.inner.evaluate(server_round, parameters)
 
     # ---------------------------------------------------------------------- internals
-    def _observe(self, record: RoundRecord, _inner: Any) -> None:
+    def _observe(self, record: RoundRecord, strategy: FederatedStrategy) -> None:
         if self.accountant is not None:
             record.extra["epsilon"] = self.accountant.epsilon()
             record.extra["dp_clipping_norm"] = self._plan.clip_norm if self._plan is not None else self.clip_norm
@@ -456,7 +456,7 @@ class PrivateStrategy(Strategy):
                 record.extra["dp_unclipped_fraction"] = self.last_unclipped_fraction
                 self.last_unclipped_fraction = math.nan
         for observer in self.observers:
-            observer(record, self)
+            observer(record, self)  # type: ignore[arg-type]  # duck-types FederatedStrategy
 
     def _expected_sample(self, client_manager: ClientManager) -> int:
         available = client_manager.num_available()
@@ -674,8 +674,8 @@ class InProcessGrid(Grid):
     def __init__(
         self,
         client_app: ClientApp,
-        node_configs: Sequence[Mapping[str, Scalar]],
-        run_config: Mapping[str, Scalar],
+        node_configs: Sequence[Mapping[str, bool | int | float | str]],
+        run_config: Mapping[str, bool | int | float | str],
         drop: Callable[[Message], bool] | None = None,
         run_id: int = 1,
     ) -> None:

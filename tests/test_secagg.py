@@ -89,7 +89,7 @@ def test_secure_aggregate_equals_the_plain_aggregate_within_quantization_error(p
 
 
 def test_the_strategy_only_ever_sees_the_aggregate(plain_and_secure: tuple) -> None:
-    plain, secure, seen, _ = plain_and_secure
+    _, secure, seen, _ = plain_and_secure
     assert len(seen) == 1 and len(seen[0]) == NUM_CLIENTS
     first = seen[0][0]
     assert all(tensors == first for tensors in seen[0]), "every result must hold the same summed parameters"
