@@ -11,6 +11,7 @@ from flwr.common import ArrayRecord, Context, RecordDict, Scalar
 
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import ClientData, client_data, label_counts
+from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
 from flower_app.privacy import client_mods, private_fit_report, privatize_fit
 from flower_app.task import (
     NDArrays,
@@ -30,6 +31,18 @@ from strategies.compression import CompressionConfig, compress, wire_nbytes
 
 CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
 RESIDUAL_KEY = "compression-residual"  # what compression has not sent yet (error feedback)
+
+
+def finetune_options(cfg: AppConfig, cache: bool) -> FineTuneOptions:
+    """Transformers / LoRA settings; clients cache the built model across rounds (`hf_models`)."""
+    lora = LoraOptions(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=split_names(cfg.lora_target_modules),
+        modules_to_save=split_names(cfg.lora_modules_to_save),
+    )
+    return FineTuneOptions(hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache)
 
 
 def compression_config(cfg: AppConfig) -> CompressionConfig:
@@ -63,7 +76,7 @@ class FlowerClient(NumPyClient):
         self.state = state
         self.rule = get_rule(cfg.strategy)
         self.device = resolve_device(cfg.device)
-        self.model = build_model(cfg.model, data.info, cfg.hidden_size, seed=cfg.seed)
+        self.model = build_model(cfg.model, data.info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=True))
         self.spec = weight_spec(self.model)
         self.codec = compression_config(cfg)
 
@@ -91,6 +104,7 @@ class FlowerClient(NumPyClient):
                 weight_decay=self.cfg.weight_decay,
                 grad_accumulation_steps=self.cfg.grad_accumulation_steps,
                 proximal_mu=float(config.get("proximal-mu", 0.0)),
+                optimizer=self.cfg.client_optimizer,
             )
             correction = self._scaffold_correction(control) if self.rule.scaffold else None
             result = train(self.model, loader, self.data.info.task, options, self.device, correction)

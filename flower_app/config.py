@@ -57,9 +57,9 @@ def _codec_names() -> list[str]:
 
 
 def _model_names() -> list[str]:
-    from flower_app.task import MODELS
+    from flower_app.task import FINETUNE_MODELS, MODELS
 
-    return sorted(["auto", *MODELS])
+    return sorted(["auto", *MODELS, *FINETUNE_MODELS])
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,29 @@ class AppConfig:
     dp_clip_count_stddev: float = _opt(
         0.0, "adaptive clipping: noise std on the unclipped count (0 = max(clients per round / 20, dp-noise-multiplier))", min=0.0
     )
+    # --- transformers / LoRA (flower_app/hf_models.py; README "Fine-tuning transformers with LoRA") ---
+    hf_model: str = _opt(
+        "", "Hugging Face model, a local directory or a hub id: the hf-* models' weights and the text datasets' tokenizer"
+    )
+    hf_dtype: str = _opt(
+        "float32", "dtype the hf-* model's weights load in (LoRA adapters stay float32)",
+        choices=("float32", "bfloat16", "float16"),
+    )
+    lora_rank: int = _opt(8, "LoRA rank of the hf-* and vit-lora models (0 = no adapters: every weight trains)", min=0)
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha: the adapted layer adds (alpha / rank) B A x", gt=0.0)
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input", min=0.0, lt=1.0)
+    lora_target_modules: str = _opt(
+        "", "comma-separated names of the modules that get adapters ('' = peft's default for the architecture)"
+    )
+    lora_modules_to_save: str = _opt(
+        "", "comma-separated modules that train fully and travel besides the adapters ('' = the task head)"
+    )
+    client_optimizer: str = _opt(
+        "sgd", "client optimizer: sgd, or adamw (fresh moments each round; usual for transformers)",
+        choices=("sgd", "adamw"),
+    )
+    text_column: str = _opt("text", "text column of csv, tsv and jsonl files (datasets text, text-lm)")
+    max_length: int = _opt(128, "tokens per example of the text datasets (longer texts are cut)", min=2)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -192,9 +215,46 @@ class AppConfig:
                 "dataset 'synthetic' generates one device per client: set num-partitions to the number of clients "
                 "(0 would let the server and the clients generate different data)"
             )
+        self._check_finetune()
         from flower_app.privacy import check_privacy_config  # the privacy section's own checks
 
         check_privacy_config(self)
+
+    def _check_finetune(self) -> None:
+        """The transformers / LoRA section: models, text data and tokenizer must fit together."""
+        text_models = {"text": "hf-sequence-classification", "text-lm": "hf-causal-lm"}
+        hf_models = set(text_models.values())
+        if self.dataset in text_models and self.model not in ("auto", text_models[self.dataset]):
+            raise ConfigError(
+                f"dataset '{self.dataset}' holds token ids: model must be 'auto' or '{text_models[self.dataset]}', "
+                f"got '{self.model}'"
+            )
+        if self.model in hf_models and text_models.get(self.dataset) != self.model:
+            wanted = next(d for d, m in text_models.items() if m == self.model)
+            raise ConfigError(f"model '{self.model}' reads token ids: set dataset='{wanted}', got '{self.dataset}'")
+        uses_hf = self.model in hf_models or self.dataset in text_models
+        if uses_hf and not self.hf_model:
+            raise ConfigError(
+                f"model '{self.model}' / dataset '{self.dataset}' need hf-model: a model directory or a hub id"
+            )
+        adapted = uses_hf or self.model == "vit-lora"
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
+        changed = [_kebab(k) for k in lora_keys if getattr(self, k) != defaults[k]]
+        if changed and not adapted:
+            raise ConfigError(
+                f"{', '.join(changed)} apply to the models {', '.join(sorted([*hf_models, 'vit-lora']))}; "
+                f"model is '{self.model}' (dataset '{self.dataset}')"
+            )
+        if self.hf_dtype != "float32" and not uses_hf:
+            raise ConfigError(f"hf-dtype applies to the hf-* models; model is '{self.model}'")
+        if self.client_optimizer == "adamw":
+            if self.strategy in ("fedsgd", "scaffold", "fednova"):
+                raise ConfigError(
+                    f"client-optimizer 'adamw' does not fit strategy '{self.strategy}' (it assumes local SGD steps)"
+                )
+            if self.client_momentum != 0.0:
+                raise ConfigError("client-momentum is for client-optimizer 'sgd'; adamw keeps its own moments")
 
     def to_run_config(self) -> dict[str, Scalar]:
         """The kebab-case mapping that `parse_run_config` reads back."""

@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # Simulation keeps client processes (Ray actors) alive across rounds: sources load once per process.
 from datasets import PartitionOptions, Source, SourceOptions, TensorData, load_partition, load_source_cached
 from flower_app.config import AppConfig, ConfigError
 from flower_app.task import ModelInfo
 
-LOCAL_FILE_SOURCES = ("csv", "image-folder")
+LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm")
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,16 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         synthetic_alpha=cfg.synthetic_alpha,
         synthetic_beta=cfg.synthetic_beta,
         num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
+        text_column=cfg.text_column,
+        tokenizer=cfg.hf_model,
+        max_length=cfg.max_length,
     )
 
 
 def model_info(source: Source) -> ModelInfo:
     outputs = source.num_classes if source.task == "classification" else (source.target_dim or 1)
-    return ModelInfo(task=source.task, input_shape=tuple(source.input_shape), num_outputs=int(outputs or 1))
+    kind = "tokens" if source.train.x.dtype == torch.int64 else "dense"  # datasets.text: token ids
+    return ModelInfo(task=source.task, input_shape=tuple(source.input_shape), num_outputs=int(outputs or 1), input_kind=kind)
 
 
 def server_source(cfg: AppConfig) -> Source:

@@ -15,10 +15,12 @@ from flwr.serverapp import Grid
 
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import model_info, server_source
-from flower_app.client_app import compression_config
+from flower_app.client_app import compression_config, finetune_options
+from flower_app.hf_models import save_pretrained
 from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
 from flower_app.privacy import check_privacy_model, run_server, wrap_strategy
 from flower_app.task import (
+    FINETUNE_MODELS,
     build_model,
     evaluate,
     get_weights,
@@ -68,10 +70,12 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
     """The strategy for this run (restored from the checkpoint when resuming) and rounds left."""
     source = server_source(cfg)
     info = model_info(source)
-    model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed)
+    model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=False))
     spec = weight_spec(model)
     device = resolve_device(cfg.device)
-    test_loader = make_loader(source.test.x, source.test.y, batch_size=max(cfg.batch_size, 256), shuffle=False)
+    # Transformers evaluate at the training batch size: 256 sequences of vocabulary-sized logits may not fit.
+    eval_batch = cfg.batch_size if resolve_model_name(cfg.model, info) in FINETUNE_MODELS else max(cfg.batch_size, 256)
+    test_loader = make_loader(source.test.x, source.test.y, batch_size=eval_batch, shuffle=False)
 
     def evaluate_fn(weights: list[np.ndarray]) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, spec, weights)
@@ -80,6 +84,11 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
 
     def save_model(weights: list[np.ndarray], path: Path) -> None:
         set_weights(model, spec, weights)
+        if save_pretrained(model, path.parent) is not None:
+            # Transformers: adapter/ (or hf_model/) loads with peft / transformers; model.pt keeps what trained.
+            state = model.state_dict()
+            torch.save({k: state[k].detach().cpu() for k in spec.keys}, path)
+            return
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
     checkpoint = None

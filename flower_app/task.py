@@ -11,11 +11,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+if TYPE_CHECKING:
+    from flower_app.hf_models import FineTuneOptions
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +80,10 @@ class LinearRegression(nn.Module):
 class ModelInfo:
     """What a model needs to know about its data."""
 
-    task: str  # "classification" | "regression"
+    task: str  # "classification" | "regression" | "causal-lm"
     input_shape: tuple[int, ...]
     num_outputs: int  # classes, or regression targets
+    input_kind: str = "dense"  # "dense" (float features, images) | "tokens" (int64 token ids, datasets.text)
 
 
 def _build_cnn(info: ModelInfo, hidden: int) -> nn.Module:
@@ -102,20 +107,40 @@ MODELS: dict[str, Callable[[ModelInfo, int], nn.Module]] = {
 }
 
 
+# Models built from more than (info, hidden): transformers and LoRA (flower_app.hf_models, which imports
+# transformers and peft only when one is built). build_model passes them its `finetune` options.
+FINETUNE_MODELS: tuple[str, ...] = ("hf-sequence-classification", "hf-causal-lm", "vit-lora")
+
+
 def resolve_model_name(name: str, info: ModelInfo) -> str:
-    """`auto`: cnn for images, linear for regression, mlp otherwise."""
+    """`auto`: hf-causal-lm / hf-sequence-classification for text, cnn for images, linear for regression, mlp otherwise."""
     if name != "auto":
         return name
+    if info.task == "causal-lm":
+        return "hf-causal-lm"
+    if info.input_kind == "tokens":
+        return "hf-sequence-classification"
     if info.task == "regression":
         return "linear"
     return "cnn" if len(info.input_shape) == 3 else "mlp"
 
 
-def build_model(name: str, info: ModelInfo, hidden: int = 128, seed: int = 0) -> nn.Module:
-    """Build a registered model with a seeded initialisation (same seed -> same weights)."""
+def build_model(
+    name: str, info: ModelInfo, hidden: int = 128, seed: int = 0, finetune: FineTuneOptions | None = None
+) -> nn.Module:
+    """Build a registered model with a seeded initialisation (same seed -> same weights).
+
+    The FINETUNE_MODELS need ``finetune`` (`flower_app.hf_models.FineTuneOptions`); other models ignore it.
+    """
     name = resolve_model_name(name, info)
+    if name in FINETUNE_MODELS:
+        from flower_app.hf_models import FineTuneOptions, build_finetune_model
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_finetune_model(name, info, finetune or FineTuneOptions())
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; choose one of: auto, {', '.join(sorted(MODELS))}")
+        raise ValueError(f"unknown model '{name}'; choose one of: auto, {', '.join(sorted([*MODELS, *FINETUNE_MODELS]))}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[name](info, hidden)
@@ -184,7 +209,23 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+class CausalLMLoss(nn.Module):
+    """Mean next-token cross-entropy: logits at position t predict the label at t + 1; label -100 is skipped.
+
+    The model may have cut trailing padding (`hf_models.TokenModel`): labels past the logits' length are
+    padding (-100) and are dropped.
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels[:, : logits.shape[1]]
+        return nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+
+
 def loss_fn(task: str) -> nn.Module:
+    if task == "causal-lm":
+        return CausalLMLoss()
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
 
 
@@ -196,6 +237,7 @@ class TrainOptions:
     weight_decay: float = 0.0
     grad_accumulation_steps: int = 1
     proximal_mu: float = 0.0  # FedProx: adds (mu/2) ||w - w_global||^2 over trainable parameters
+    optimizer: str = "sgd"  # "sgd" | "adamw" (moments start from zero every round; transformers train faster)
 
 
 @dataclass(frozen=True)
@@ -227,7 +269,10 @@ def train(
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum, weight_decay=options.weight_decay)
+    if options.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum, weight_decay=options.weight_decay)
     start = [p.detach().clone() for p in params] if options.proximal_mu > 0 else None
     criterion = loss_fn(task)
     corrections = [c.to(device) for c in control_correction] if control_correction is not None else None

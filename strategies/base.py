@@ -238,6 +238,7 @@ class FederatedStrategy(Strategy):
         }
         self._record.clients_sampled = len(clients)
         self._record.bytes_sent += _nbytes(parameters) * len(clients)
+        self._record.extra["bytes_sent_per_client"] = _nbytes(parameters)  # the model each sampled client gets
         log(INFO, "round %d: training on %d of %d clients", rnd, len(clients), self._num_available)
         return [(c, FitIns(parameters, dict(config))) for c in clients]
 
@@ -252,6 +253,8 @@ class FederatedStrategy(Strategy):
         for failure in failures:
             log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
         record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
+        if results:  # the mean upload of one client (updates, compressed or not, plus any extras)
+            record.extra["bytes_received_per_client"] = sum(_nbytes(res.parameters) for _, res in results) / len(results)
         lazy = self._lazy_mean()
         accepted = self._accept(record, results, decode=not lazy)
         combined = self._mean_of(record, accepted) if lazy and accepted else None

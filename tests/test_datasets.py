@@ -30,6 +30,8 @@ def test_registry_names() -> None:
         "linear",
         "mnist",
         "synthetic",
+        "text",
+        "text-lm",
     ]
 
 
