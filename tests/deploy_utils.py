@@ -222,9 +222,23 @@ class Cluster:
         except subprocess.TimeoutExpired:
             return None
 
-    def close(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name, grace=2.0)
+    def close(self, grace: float = 3.0) -> None:
+        """SIGTERM every process group at once, SIGKILL what is left after `grace` seconds."""
+        running = [name for name, proc in self.procs.items() if proc.returncode is None]
+        for name in running:
+            self.signal(name, signal.SIGTERM)
+        deadline = time.time() + grace
+        for name in running:
+            try:
+                self.procs[name].popen.wait(timeout=max(deadline - time.time(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+        for name in self.procs:
+            self.signal(name, signal.SIGKILL)
+            try:
+                self.procs[name].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         if self._reaper:
             _set_child_subreaper(False)
 

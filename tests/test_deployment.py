@@ -53,12 +53,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NUM_NODES = 3
 NODES = [f"supernode-{i}" for i in range(1, NUM_NODES + 1)]
 CONNECTION = "secure"
-# A short run of the default job (digits, CNN, FedAvg) with federated evaluation on.
+# A short run of the default job (digits, CNN, FedAvg). One client evaluates per round: the
+# federated-evaluation path runs, at a third of the cost (each message is a new process).
 RUN_CONFIG: dict[str, bool | int | float | str] = {
     "num-server-rounds": 2,
     "local-epochs": 1,
     "min-fit-clients": NUM_NODES,
-    "min-evaluate-clients": NUM_NODES,
+    "fraction-evaluate": 0.1,
+    "min-evaluate-clients": 1,
     "min-available-clients": NUM_NODES,
     "client-wait-timeout": 90.0,
 }
@@ -208,8 +210,10 @@ def test_a_run_survives_a_server_crash_and_resumes_to_the_uninterrupted_result(f
         RUN_CONFIG, [{"partition-id": i, "num-partitions": NUM_NODES} for i in range(NUM_NODES)], fed.work / "replay"
     )
     expected = pd.read_csv(expected_dir / "metrics.csv")
-    for column in ("central_loss", "central_accuracy", "federated_loss", "train_loss"):
+    for column in ("central_loss", "central_accuracy", "train_loss"):
         assert frame[column].to_numpy() == pytest.approx(expected[column].to_numpy(), rel=1e-3, nan_ok=True), column
+    # Which client evaluates is drawn from the node IDs, which the replay does not share.
+    assert trained["federated_loss"].between(0.0, 5.0).all() and trained["federated_accuracy"].between(0.0, 1.0).all()
     # Float sums in another order (replies arrive in any order) and another process's threads
     # differ in the last bits; a wrong resume (restart from scratch, a lost round) moves weights
     # by orders of magnitude more.
