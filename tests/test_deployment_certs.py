@@ -108,9 +108,11 @@ def _handshake(certs: Path, server_hostname: str) -> None:
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            with socket.create_connection(listener.getsockname(), timeout=10) as raw:
-                with client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
-                    tls.sendall(b"x")
+            with (
+                socket.create_connection(listener.getsockname(), timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
+            ):
+                tls.sendall(b"x")
         finally:
             thread.join(timeout=10)
 

@@ -34,7 +34,6 @@ from tests.deploy_utils import (
     free_port,
     max_weight_difference,
     replay,
-    run_app,
     run_config_string,
     write_connection,
 )
