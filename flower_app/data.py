@@ -33,6 +33,7 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         download=cfg.download,
         path=cfg.data_path if path is None else path,
         label_column=cfg.label_column,
+        class_names=cfg.class_names,
         test_fraction=cfg.test_fraction,
         seed=cfg.seed,
         num_samples=cfg.num_samples,

@@ -391,3 +391,25 @@ def test_synthetic_beta_controls_feature_shift() -> None:
 def test_synthetic_too_few_samples() -> None:
     with pytest.raises(ValueError, match="num_samples"):
         load_source("synthetic", SourceOptions(num_samples=10, num_partitions=10))
+
+
+def test_class_names_fix_label_indices_across_files_that_miss_classes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two data owners' CSVs: one lacks class 'b'. With class-names both agree on indices and size."""
+    import pandas as pd
+
+    from datasets import SourceOptions, load_source
+
+    full = tmp_path / "full.csv"
+    partial = tmp_path / "partial.csv"
+    pd.DataFrame({"f": range(12), "label": ["a", "b", "c"] * 4}).to_csv(full, index=False)
+    pd.DataFrame({"f": range(8), "label": ["a", "c"] * 4}).to_csv(partial, index=False)
+    loose = load_source("csv", SourceOptions(path=str(partial)))
+    assert loose.num_classes == 2  # without class names, 'c' would become index 1
+    fixed = [load_source("csv", SourceOptions(path=str(p), class_names="a,b,c")) for p in (full, partial)]
+    assert [s.num_classes for s in fixed] == [3, 3]
+    partial_labels = set(torch.cat([fixed[1].train.y, fixed[1].test.y]).tolist())
+    assert partial_labels == {0, 2}
+    import pytest
+
+    with pytest.raises(ValueError, match="labels not in class_names \\(a, b\\): c"):
+        load_source("csv", SourceOptions(path=str(full), class_names="a,b"))
