@@ -25,6 +25,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 RESUME_KEYS = (
     "strategy", "aggregator", "dataset", "model", "hidden-size", "partitioner", "num-partitions",
     "seed", "send-delta", "compression",
+    "hf-model", "lora-rank", "lora-target-modules", "lora-modules-to-save",  # what the weights are of
 )
 
 
@@ -160,9 +161,16 @@ def plot_metrics(frame: pd.DataFrame, path: Path) -> None:
     for column, label in (("central_accuracy", "centralized"), ("federated_accuracy", "federated"), ("train_accuracy", "train")):
         if column in frame and frame[column].notna().any():
             axes[1].plot(frame["round"], frame[column], marker=".", label=label)
-    for column, label in (("bytes_sent", "server to clients"), ("bytes_received", "clients to server")):
+    for column, label in (
+        ("bytes_sent", "server to clients"),
+        ("bytes_received", "clients to server"),
+        ("bytes_sent_per_client", "to one client"),
+        ("bytes_received_per_client", "from one client (mean)"),
+    ):
         if column in frame and frame[column].notna().any():
             axes[2].plot(frame["round"], frame[column] / 1e6, marker=".", label=label)
+    if axes[2].lines:
+        axes[2].set_yscale("log")  # compressed uploads can be 1000x smaller than the model sent down
     if "epsilon" in frame and frame["epsilon"].notna().any():
         twin = axes[1].twinx()
         twin.plot(frame["round"], frame["epsilon"], color="tab:red", linestyle="--", label="epsilon")
