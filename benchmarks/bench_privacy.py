@@ -165,8 +165,8 @@ def plot_secagg(table: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("all", "accuracy", "secagg"), default="all")
-    parser.add_argument("--noise-multipliers", default="0.5,1.0,2.0", help="comma-separated z values")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds of the accuracy runs")
+    parser.add_argument("--noise-multipliers", default="0.3,0.6,1.0,2.0", help="comma-separated z values")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of the accuracy runs")
     parser.add_argument("--secagg-rounds", type=int, default=3, help="rounds per SecAgg+ measurement (first excluded)")
     parser.add_argument("--sizes", default="1000000,10000000", help="comma-separated parameter counts")
     args = parser.parse_args()
