@@ -170,6 +170,7 @@ class PrivacyAccountant:
         self.ledger: dict[tuple[float, int], int] = {}  # (noise multiplier, clients sampled) -> rounds
         self.noiseless_rounds = 0
         self._cache: float | None = None
+        self._memo: dict[tuple[tuple[tuple[float, int], int], ...], float] = {}  # ledger -> epsilon
 
     @property
     def rounds(self) -> int:
@@ -225,7 +226,19 @@ class PrivacyAccountant:
             return math.inf
         if not ledger:
             return 0.0
-        from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+        key = tuple(sorted(ledger.items()))
+        if key not in self._memo:
+            self._memo = {key: self._compute_epsilon(ledger)}  # one entry: the next round asks for the same ledger
+        return self._memo[key]
+
+    def _compute_epsilon(self, ledger: Mapping[tuple[float, int], int]) -> float:
+        from flwr.serverapp import (
+            GaussianPrivacyEvent,
+            NeighboringRelation,
+            PrivacyConfig,
+            RdpAccountant,
+            SamplingMethod,
+        )
 
         local = self.spec.kind == "local"
         config = PrivacyConfig(

@@ -23,6 +23,9 @@ from flower_app.privacy import InProcessGrid, PrivateStrategy, run_server
 from flower_app.server_app import server_fn
 from strategies.privacy import l2_norm
 
+# Each test trains real (small) models in-process through the whole protocol: a few seconds each.
+pytestmark = pytest.mark.slow
+
 NUM_CLIENTS = 3
 
 
