@@ -30,7 +30,8 @@ Server: FedAvg, SCAFFOLD and FedNova use server learning rate 1 (plain averaging
 with a server or proximal knob are quick-tuned per setting over a small grid (:data:`TUNING_GRIDS`) for
 ``--tune-rounds`` rounds (10), choosing the value with the best mean *federated* validation accuracy (the
 clients' own held-out 10%) over the last three tuning rounds, so the central test set is never used for
-tuning. Fixed: FedAvgM momentum 0.9; FedAdam/FedYogi/FedAdagrad beta1 0.9, beta2 0.99, tau 1e-3, no bias
+tuning; a choice at the edge of its grid is logged. ``fedavg(server-lr)`` is FedAvg with a tuned server
+learning rate, a control for the momentum and adaptive rules. Fixed: FedAvgM momentum 0.9; FedAdam/FedYogi/FedAdagrad beta1 0.9, beta2 0.99, tau 1e-3, no bias
 correction (Reddi et al. 2021); trimmed mean cuts 20% at each end; Krum assumes f = 4 Byzantine clients and
 Multi-Krum averages n - f of them. In setting (d) FedAvgM reuses the server learning rate tuned for (a).
 
@@ -103,14 +104,17 @@ SERVER_DEFAULTS: dict[str, Value] = {
     "trim-fraction": 0.2,
 }
 
-# rule -> (run-config key, grid), tuned per setting on the clients' validation splits.
+# variant label -> (run-config key, grid), tuned per setting on the clients' validation splits.
+# "fedavg(server-lr)" is FedAvg with a tuned server learning rate (FedOpt's SGD, Reddi et al. 2021): it
+# separates what the adaptive and momentum rules gain from larger steps from what they gain from adaptivity.
 TUNING_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "fedsgd": ("server-learning-rate", (0.03, 0.1, 0.3, 1.0)),
+    "fedavg(server-lr)": ("server-learning-rate", (1.0, 2.0, 4.0, 8.0)),
+    "fedsgd": ("server-learning-rate", (0.1, 0.3, 1.0, 3.0)),
     "fedavgm": ("server-learning-rate", (0.1, 0.3, 1.0, 3.0)),
     "fedprox": ("proximal-mu", (0.01, 0.1, 1.0)),
     "fedadam": ("server-learning-rate", (0.01, 0.03, 0.1)),
     "fedyogi": ("server-learning-rate", (0.01, 0.03, 0.1)),
-    "fedadagrad": ("server-learning-rate", (0.03, 0.1, 0.3)),
+    "fedadagrad": ("server-learning-rate", (0.03, 0.1, 0.3, 1.0)),
 }
 
 RULES = ("fedavg", "fedsgd", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
@@ -334,28 +338,30 @@ def variants(setting: Setting, quick: bool) -> list[Variant]:
         aggregators = ("mean", "median") if quick else ROBUST_AGGREGATORS
         return [Variant(f"{s}+{a}", {"strategy": s, "aggregator": a}) for s in servers for a in aggregators]
     rules = ("fedavg", "fedprox", "fedadam", "scaffold", "fednova") if quick else RULES
-    return [Variant(r, {"strategy": r}) for r in rules]
+    extra = [] if quick else [Variant("fedavg(server-lr)", {"strategy": "fedavg"})]
+    return [Variant(r, {"strategy": r}) for r in rules] + extra
 
 
 def tune(setting: Setting, config: Mapping[str, Value], num_clients: int, tune_rounds: int,
-         rules: Sequence[str]) -> tuple[dict[str, dict[str, Value]], list[dict[str, Any]]]:
-    """Pick each rule's value from TUNING_GRIDS by its mean federated validation accuracy in the last rounds."""
+         variant_list: Sequence[Variant]) -> tuple[dict[str, dict[str, Value]], list[dict[str, Any]]]:
+    """Pick each variant's value from TUNING_GRIDS by its mean federated validation accuracy in the last rounds."""
     chosen: dict[str, dict[str, Value]] = {}
     rows: list[dict[str, Any]] = []
-    for rule in rules:
+    for variant in variant_list:
+        rule = variant.label
         if rule not in TUNING_GRIDS:
             continue
         key, grid = TUNING_GRIDS[rule]
         best: tuple[float, float] | None = None
         for value in grid:
-            run_config = {**config, "strategy": rule, key: value, "fraction-evaluate": 1.0, "min-evaluate-clients": 1,
+            run_config = {**config, **variant.overrides, key: value, "fraction-evaluate": 1.0, "min-evaluate-clients": 1,
                           "num-server-rounds": tune_rounds}
             res = run_federated(run_config, num_clients, tune_rounds)
             tail = [a for a in res.federated_accuracy[-3:] if math.isfinite(a)]
             score = float(np.mean(tail)) if tail else -1.0
             rows.append({"setting": setting.name, "rule": rule, "param": key, "value": value,
                          "tune_rounds": tune_rounds, "federated_val_accuracy": score, "seconds": res.seconds})
-            logger.info("  tune %-10s %s=%-6g federated val acc %.4f (%.1fs)", rule, key, value, score, res.seconds)
+            logger.info("  tune %-17s %s=%-6g federated val acc %.4f (%.1fs)", rule, key, value, score, res.seconds)
             if best is None or score > best[0]:
                 best = (score, value)
         assert best is not None
@@ -409,7 +415,7 @@ def run(rounds: int, num_clients: int, quick: bool, tune_rounds: int, out: Path,
         logger.info("setting %s (%s)", setting.name, ", ".join(v.label for v in variant_list))
         if setting.tune and tune_rounds > 0:
             tuned[setting.name], new_rows = tune(
-                setting, config, num_clients, tune_rounds, [str(v.overrides["strategy"]) for v in variant_list]
+                setting, config, num_clients, tune_rounds, variant_list
             )
             tuning_rows += new_rows
         chosen = tuned.get(setting.name) or tuned.get(setting.tuned_from, {})
@@ -424,9 +430,11 @@ def run(rounds: int, num_clients: int, quick: bool, tune_rounds: int, out: Path,
             runs.append(("centralized", {**config, "strategy": "fedavg"}, ceiling, ""))
         for variant in variant_list:
             strategy = str(variant.overrides["strategy"])
-            run_config = {**config, **variant.overrides, **chosen.get(strategy, {})}
+            # By label; the robust variants of (d) ("fedavgm+median") take their server rule's tuned values.
+            picked = chosen.get(variant.label, chosen.get(strategy, {}))
+            run_config = {**config, **variant.overrides, **picked}
             result = run_federated(run_config, num_clients, rounds, setting.attack, bad)
-            note = ", ".join(f"{k} tuned on {setting.tuned_from or setting.name}" for k in chosen.get(strategy, {}))
+            note = ", ".join(f"{k} tuned on {setting.tuned_from or setting.name}" for k in picked)
             runs.append((variant.label, run_config, result, note))
         for label, run_config, result, note in runs:
             final, best, best_round = summarize(result.accuracy)

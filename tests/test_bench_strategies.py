@@ -68,7 +68,7 @@ def test_unknown_attack_names_the_choices() -> None:
 
 
 def test_quick_mode_writes_the_table(tmp_path: Path) -> None:
-    frame = bench.main(["--quick", "--out", str(tmp_path)])
+    frame = bench.main(["--quick", "--tune-rounds", "1", "--only", "a-,c-,d-", "--out", str(tmp_path)])
     table = pd.read_csv(tmp_path / "strategies.csv")
     expected = {"setting", "attack", "num_corrupted", "rule", "strategy", "aggregator", "final_accuracy",
                 "best_accuracy", "best_round", "learning_rate", "local_epochs", "server_learning_rate",
@@ -82,7 +82,8 @@ def test_quick_mode_writes_the_table(tmp_path: Path) -> None:
     wrecked = (table["attack"] == "scale") & (table["aggregator"] == "mean")
     assert (table.loc[~wrecked, "client_failures"] == 0).all()
     assert (table["best_accuracy"] >= table["final_accuracy"] - 1e-12).all()
-    for setting in ("a-digits-dir0.1", "b-digits-shards2", "c-synthetic(1,1)", "d-digits-dir0.5/none"):
+    assert set(table["setting"]) == {"a-digits-dir0.1", "c-synthetic(1,1)", "d-digits-dir0.5/none", "d-digits-dir0.5/scale"}
+    for setting in ("a-digits-dir0.1", "c-synthetic(1,1)", "d-digits-dir0.5/none"):
         rules = set(table.loc[table["setting"] == setting, "rule"])
         assert "centralized" in rules, setting
     # Hyper-parameters a rule does not read are left empty; those it reads are filled in.
@@ -96,5 +97,11 @@ def test_quick_mode_writes_the_table(tmp_path: Path) -> None:
     assert scale.loc["fedavg+mean", "final_accuracy"] < 0.2
     assert scale.loc["fedavg+median", "final_accuracy"] > 0.3
     assert (tmp_path / "strategies.png").stat().st_size > 10_000
+    tuning = pd.read_csv(tmp_path / "strategies.tuning.csv")  # fedprox and fedadam in each of a and c
+    assert tuning.groupby(["setting", "rule"])["chosen"].sum().tolist() == [1] * 4
+    for rule, key in (("fedprox", "proximal_mu"), ("fedadam", "server_learning_rate")):
+        picked = tuning[(tuning["rule"] == rule) & tuning["chosen"]].set_index("setting")["value"]
+        used = table[table["rule"] == rule].set_index("setting")[key]
+        assert picked.to_dict() == used.to_dict()  # the tuned value is the one the run used
     curves = pd.read_csv(tmp_path / "strategies.curves.csv")
     assert set(curves["round"]) == {0, 1, 2}
