@@ -482,32 +482,48 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _line_style(rule: str) -> dict[str, Any]:
+    """Same rule, same look in every panel: robust variants are coloured by aggregator, dashed with momentum."""
+    import matplotlib.pyplot as plt
+
+    if rule == "centralized":
+        return {"color": "black", "linestyle": ":", "linewidth": 1.8}
+    if "+" in rule:
+        server, aggregator = rule.split("+", 1)
+        index = ROBUST_AGGREGATORS.index(aggregator) if aggregator in ROBUST_AGGREGATORS else 0
+        return {"color": plt.get_cmap("tab10")(index), "linestyle": "-" if server == "fedavg" else "--", "linewidth": 1.3}
+    names = [*RULES, "fedavg(server-lr)"]
+    index = names.index(rule) if rule in names else len(names)
+    return {"color": plt.get_cmap("tab10")(index % 10), "linewidth": 1.3}
+
+
 def plot(curves: pd.DataFrame, path: Path) -> None:
-    """One panel per setting: centralized test accuracy per round of every rule."""
+    """Centralized test accuracy per round, one panel per setting: the rule comparisons on the top row,
+    the robustness settings (d) below, each row with its legend in the last column."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(curves["setting"]))
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.8 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    for ax, name in zip(axes.flat, names):
-        sub = curves[curves["setting"] == name]
-        for i, (rule, group) in enumerate(sub.groupby("rule", sort=False)):
-            style = {"color": "black", "linestyle": "--", "linewidth": 1.5} if rule == "centralized" else {
-                "color": cmap(i % 20), "linewidth": 1.2}
-            ax.plot(group["round"], group["central_accuracy"], label=rule, **style)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("round")
-        ax.set_ylabel("central test accuracy")
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right", ncol=2)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
+    rows = [r for r in ([n for n in names if not n.startswith("d-")], [n for n in names if n.startswith("d-")]) if r]
+    cols = max(len(r) for r in rows) + 1
+    fig, axes = plt.subplots(len(rows), cols, figsize=(4.2 * cols, 3.6 * len(rows)), squeeze=False)
+    for row, row_names in zip(axes, rows):
+        handles: dict[str, Any] = {}
+        for ax, name in zip(row, row_names):
+            sub = curves[curves["setting"] == name]
+            for rule, group in sub.groupby("rule", sort=False):
+                (line,) = ax.plot(group["round"], group["central_accuracy"], label=rule, **_line_style(str(rule)))
+                handles.setdefault(str(rule), line)
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("round")
+            ax.set_ylabel("central test accuracy")
+            ax.set_ylim(0.0, 1.0)
+            ax.grid(alpha=0.3)
+        for ax in row[len(row_names):]:
+            ax.axis("off")
+        row[len(row_names)].legend(list(handles.values()), list(handles.keys()), loc="center left", fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
