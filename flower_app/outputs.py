@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "flower_app-checkpoint-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
+PLOT_INTERVAL_S = 30.0  # learning_curves.png is redrawn at most this often, and after the last round
 # Settings a resumed run must share with the run that wrote the checkpoint.
 RESUME_KEYS = (
     "strategy", "aggregator", "dataset", "model", "hidden-size", "partitioner", "num-partitions",
@@ -123,6 +126,7 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self._last_plot = -math.inf
         if start_round > 0 and self.metrics_path.exists():
             previous = pd.read_csv(self.metrics_path)
             self.rows = previous[previous["round"] <= start_round].to_dict("records")
@@ -138,8 +142,11 @@ class RunRecorder:
             table.to_csv(self.dir / "partitions.csv", index=False)
         if record.round == 0:
             return
-        plot_metrics(frame, self.dir / "learning_curves.png")
         last = record.round >= self.cfg.num_server_rounds
+        # Redrawing costs ~0.5 s: throttle it so that cheap rounds are not dominated by plotting.
+        if last or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
+            plot_metrics(frame, self.dir / "learning_curves.png")
+            self._last_plot = time.monotonic()
         if last or record.round % self.cfg.checkpoint_every == 0:
             save_checkpoint(self.dir / CHECKPOINT_NAME, self.cfg, self.spec, strategy.state_dict())
         if last:

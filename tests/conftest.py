@@ -1,0 +1,19 @@
+"""Shared test set-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _flower_logs_reach_caplog() -> Iterator[None]:
+    # Flower's simulation turns propagation of its "flwr" logger off, and alembic's fileConfig (run
+    # when a SuperLink state database is opened in-process) disables existing loggers: either would
+    # hide Flower log lines from caplog in every later test of the session.
+    logger = logging.getLogger("flwr")
+    logger.disabled = False
+    logger.propagate = True
+    yield
