@@ -127,9 +127,6 @@ class ImageModel(nn.Module):
         return self.net(x)
 
 
-FineTuneModel = TokenModel | ImageModel
-
-
 def is_finetune_model(model: nn.Module) -> bool:
     return isinstance(model, (TokenModel, ImageModel))
 
@@ -213,7 +210,7 @@ def _build_hf(name: str, info: Any, options: FineTuneOptions) -> TokenModel:
     pad_id = load_tokenizer(options.hf_model).pad_token_id
     if name == "hf-sequence-classification":
         # A checkpoint with another head size gets a new head (the body's weights load as they are).
-        net = _from_pretrained(
+        net: Any = _from_pretrained(
             AutoModelForSequenceClassification, options.hf_model, options,
             num_labels=info.num_outputs, ignore_mismatched_sizes=True,
         )
@@ -260,7 +257,7 @@ def _with_lora(net: nn.Module, name: str, lora: LoraOptions, default_head: tuple
     modules_to_save = list(lora.modules_to_save or default_head or ()) or None
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int; LoRA scales by alpha / r as a float
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules) or None,
         modules_to_save=modules_to_save,  # None: peft adds the head of the task type (classifier, score)
@@ -295,7 +292,7 @@ def save_pretrained(model: nn.Module, directory: Path) -> Path | None:
         path = directory / "adapter"
         adapted.save_pretrained(str(path))
         return path
-    net = model.net  # type: ignore[union-attr]
+    net: Any = model.net
     if hasattr(net, "save_pretrained"):
         path = directory / "hf_model"
         net.save_pretrained(str(path))

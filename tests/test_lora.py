@@ -17,14 +17,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from flower_app import hf_models  # noqa: E402
-from flower_app.client_app import finetune_options  # noqa: E402
-from flower_app.config import ConfigError, parse_run_config  # noqa: E402
-from flower_app.data import model_info, server_source  # noqa: E402
-from flower_app.inprocess import run_rounds  # noqa: E402
-from flower_app.server_app import build_strategy  # noqa: E402
-from flower_app.task import ModelInfo, build_model, get_weights, set_weights, weight_spec  # noqa: E402
-from tests.lora_utils import (  # noqa: E402
+from flower_app import hf_models
+from flower_app.client_app import finetune_options
+from flower_app.config import ConfigError, parse_run_config
+from flower_app.data import model_info, server_source
+from flower_app.inprocess import run_rounds
+from flower_app.server_app import build_strategy
+from flower_app.task import ModelInfo, build_model, get_weights, set_weights, weight_spec
+from tests.lora_utils import (
     make_clients,
     make_decoder,
     make_encoder,
@@ -159,8 +159,9 @@ def test_token_model_cuts_padding_without_changing_outputs(encoder: Path) -> Non
 
 
 def test_causal_lm_loss_equals_the_models_own_shifted_loss(decoder: Path) -> None:
-    from flower_app.task import loss_fn
     from transformers import AutoModelForCausalLM
+
+    from flower_app.task import loss_fn
 
     net = AutoModelForCausalLM.from_pretrained(str(decoder)).eval()
     ids = torch.tensor([[2, 17, 18, 19, 20, 0, 0], [2, 21, 22, 23, 24, 25, 26]])
@@ -236,8 +237,8 @@ def test_compression_off_is_bit_identical_to_uncompressed_fedavg(
     tmp_path: Path, encoder: Path, sentences: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """compression='none' through the real client and shell == the same run with the codec bypassed."""
-    import flower_app.client_app as client_app
-    import strategies.base as base
+    from flower_app import client_app
+    from strategies import base
 
     def run(out: str) -> list[np.ndarray]:
         hf_models.clear_cache()

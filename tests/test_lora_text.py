@@ -14,14 +14,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from datasets import SourceOptions, load_source  # noqa: E402
-from datasets.text import IGNORE_INDEX, group_partitions  # noqa: E402
-from flower_app import hf_models  # noqa: E402
-from flower_app.config import parse_run_config  # noqa: E402
-from flower_app.data import client_data  # noqa: E402
-from flower_app.inprocess import run_rounds  # noqa: E402
-from flower_app.server_app import build_strategy  # noqa: E402
-from tests.lora_utils import VOCAB, make_clients, write_tokenizer  # noqa: E402
+from datasets import SourceOptions, load_source
+from datasets.text import IGNORE_INDEX, group_partitions
+from flower_app import hf_models
+from flower_app.config import parse_run_config
+from flower_app.data import client_data
+from flower_app.inprocess import run_rounds
+from flower_app.server_app import build_strategy
+from tests.lora_utils import VOCAB, make_clients, write_tokenizer
 
 ID = {w: i for i, w in enumerate(VOCAB)}
 
