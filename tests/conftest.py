@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.flwr_utils import stop_processes_of
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +20,11 @@ def _flower_logs_reach_caplog() -> Iterator[None]:
     logger.disabled = False
     logger.propagate = True
     yield
+
+
+@pytest.fixture(scope="module")
+def flwr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private FLWR_HOME for `flwr run`; every process started under it is killed afterwards."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    yield home
+    stop_processes_of(home)

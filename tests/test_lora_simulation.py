@@ -6,7 +6,6 @@ files the run wrote.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -17,17 +16,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from tests.flwr_utils import run_simulation, stop_processes_of
+from tests.flwr_utils import run_simulation
 from tests.lora_utils import make_encoder, write_sentences
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    stop_processes_of(home)
 
 
 def _npy(shape: int | tuple[int, ...], dtype: type) -> int:

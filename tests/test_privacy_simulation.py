@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from strategies.privacy import AccountingSpec, PrivacyAccountant
-from tests.flwr_utils import run_simulation, stop_processes_of
+from tests.flwr_utils import run_simulation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    stop_processes_of(home)
 
 
 def test_secure_aggregation_with_dp_runs_accounts_and_resumes(flwr_home: Path, tmp_path: Path) -> None:

@@ -6,23 +6,15 @@ metrics.csv and the files the run wrote, never on the exit code alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from tests.flwr_utils import run_simulation, stop_processes_of
+from tests.flwr_utils import run_simulation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    stop_processes_of(home)
 
 
 def test_simulation_trains_writes_outputs_and_resumes(flwr_home: Path, tmp_path: Path) -> None:
