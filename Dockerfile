@@ -23,9 +23,10 @@ RUN python /app/build/requirements.py --pyproject /app/build/pyproject.toml --on
         > /app/build/rest.txt \
     && python -m pip install --no-cache-dir -r /app/build/rest.txt \
     && python -m pip check \
-    && python -c "import flwr, torch, torchvision, pandas, sklearn, matplotlib.pyplot; \
+    && python -c "import importlib.metadata as md, flwr, torch, torchvision, pandas, sklearn, matplotlib.pyplot; \
 assert flwr.__version__ == '1.42.0', flwr.__version__; \
-assert not torch.cuda.is_available() and '+cpu' in torch.__version__, torch.__version__" \
+cuda = [d.metadata['Name'] for d in md.distributions() if d.metadata['Name'].lower().startswith('nvidia')]; \
+assert not cuda and torch.version.cuda is None, (torch.__version__, cuda)" \
     && rm -rf /app/build
 
 # No calls home from the Flower processes; matplotlib's font cache was built above, as this user.

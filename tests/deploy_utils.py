@@ -60,9 +60,18 @@ def deploy_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
 
 
 def write_connection(
-    home: Path, name: str, address: str, root_certificates: Path | None = None, default: bool = True
+    home: Path,
+    name: str,
+    address: str,
+    root_certificates: Path | None = None,
+    default: bool = True,
+    options: Mapping[str, int | float | str] | None = None,
 ) -> None:
-    """Add `[superlink.<name>]` to `$FLWR_HOME/config.toml` (insecure when no root certificate)."""
+    """Add `[superlink.<name>]` to `$FLWR_HOME/config.toml` (insecure when no root certificate).
+
+    `options` (e.g. {"num-supernodes": 10}) make it a simulation connection to a SuperLink
+    started with `--simulation` at `address`.
+    """
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
     text = path.read_text() if path.exists() else ""
@@ -70,6 +79,8 @@ def write_connection(
         text = f'[superlink]\ndefault = "{name}"\n\n' + text
     text += f'\n[superlink.{name}]\naddress = "{address}"\n'
     text += f'root-certificates = "{root_certificates.resolve()}"\n' if root_certificates else "insecure = true\n"
+    for key, value in (options or {}).items():
+        text += f"options.{key} = {json.dumps(value)}\n"
     path.write_text(text)
 
 

@@ -96,7 +96,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                    "node-2": f"node-{i}"}
         clone_service(compose, "supernode-2", f"supernode-{i}", renames)
         clone_service(compose, "clientapp-2", f"clientapp-{i}", renames)
-    env = {"CERTS_DIR": str(certs), "OUTPUTS_DIR": str(work / "outputs")}
+    env = {"CERTS_DIR": str(certs), "OUTPUTS_DIR": str(work / "outputs"), "SERVER_DATA": str(work / "server-data")}
     for i in range(1, NUM_NODES + 1):
         env[f"SUPERNODE_{i}_NODE_CONFIG"] = f"partition-id={i - 1} num-partitions={NUM_NODES}"
         env[f"NODE_{i}_DATA"] = str(work / f"data-{i}")
