@@ -1,6 +1,7 @@
 """Compare every server update rule on non-IID data, with centralized training as the ceiling.
 
-Run from the repository root (about 10-20 minutes on one CPU thread; ``--quick`` is a smoke check)::
+Run from the repository root (8-10 minutes on one CPU thread of a quiet machine, 26 minutes measured at load
+average 10-14 on the shared 2-core one; ``--quick`` is a smoke check of about 10 s)::
 
     python -m benchmarks.bench_strategies [--rounds 30 --clients 20] [--quick] [--out benchmarks/results]
 
