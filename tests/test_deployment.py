@@ -29,6 +29,7 @@ import pytest
 
 from deploy.make_certs import generate, make_auth_keypair
 from tests.deploy_utils import (
+    EXIT_CONNECTION_ERROR,
     ROOT,
     Cluster,
     LocalService,
@@ -136,7 +137,7 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation: Federation,
     proc = federation.group.start("intruder", argv)
     code = proc.wait(timeout=120)
     text = proc.text()
-    assert code != 0 and "Exit Code: 305" in text, text[-2000:]
+    assert code != 0 and f"Exit Code: {EXIT_CONNECTION_ERROR}" in text, text[-2000:]
     assert "Failed to activate SuperNode" in text
     federation.group.procs["superlink"].wait_for(r"No SuperNode found with the given public key", timeout=30)
 
@@ -150,7 +151,7 @@ def test_a_supernode_without_tls_is_refused(federation: Federation) -> None:
     proc = federation.group.start("plaintext", [*argv, "--insecure", "--max-retries=2"])
     code = proc.wait(timeout=120)
     text = proc.text()
-    assert code != 0 and "Exit Code: 305" in text, text[-2000:]
+    assert code != 0 and f"Exit Code: {EXIT_CONNECTION_ERROR}" in text, text[-2000:]
     assert "SuperNode ID" not in text  # it never got a node ID
 
 
