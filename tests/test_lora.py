@@ -24,6 +24,7 @@ from flower_app.data import model_info, server_source
 from flower_app.inprocess import run_rounds
 from flower_app.server_app import build_strategy
 from flower_app.task import ModelInfo, build_model, get_weights, set_weights, weight_spec
+from strategies import STRATEGIES
 from tests.lora_utils import (
     make_clients,
     make_decoder,
@@ -316,3 +317,19 @@ def test_unknown_target_module_error_lists_the_linear_layers(encoder: Path) -> N
     options = hf_models.FineTuneOptions(hf_model=str(encoder), lora=hf_models.LoraOptions(target_modules=("qkv",)))
     with pytest.raises(ValueError, match="lora-target-modules.*query.*value"):
         build_model("hf-sequence-classification", info, finetune=options)
+
+
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_every_registered_strategy_aggregates_adapters(tmp_path: Path, encoder: Path, sentences: str, rule: str) -> None:
+    sgd_only = rule in ("fedsgd", "scaffold", "fednova")  # they assume local SGD steps
+    optimizer = {"client-optimizer": "sgd", "learning-rate": 0.05} if sgd_only else ADAMW
+    server = {"server-learning-rate": 0.01} if rule in ("fedadam", "fedyogi", "fedadagrad") else {}
+    cfg = text_config(tmp_path, encoder, sentences, strategy=rule, **{**optimizer, **server, "num-server-rounds": 1})
+    strategy, rounds = build_strategy(cfg)
+    before = [w.copy() for w in strategy.weights]
+    run_rounds(strategy, make_clients(cfg), rounds)
+    row = pd.read_csv(tmp_path / "out" / "metrics.csv").iloc[-1]
+    assert row["results"] == 3 and row["rejected"] == 0 and row["failures"] == 0 and bool(row["updated"])
+    assert all(np.isfinite(w).all() for w in strategy.weights)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, strategy.weights))
+    assert [w.shape for w in strategy.weights] == [w.shape for w in before]
