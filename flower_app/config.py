@@ -251,6 +251,14 @@ class AppConfig:
             )
         if self.hf_dtype != "float32" and not uses_hf:
             raise ConfigError(f"hf-dtype applies to the hf-* models; model is '{self.model}'")
+        if self.hf_model and not uses_hf:
+            raise ConfigError(
+                f"hf-model is read by the hf-* models and the text datasets; model is '{self.model}', "
+                f"dataset '{self.dataset}'"
+            )
+        text_keys = [_kebab(k) for k in ("text_column", "max_length") if getattr(self, k) != defaults[k]]
+        if text_keys and self.dataset not in text_models:
+            raise ConfigError(f"{', '.join(text_keys)} apply to the datasets text and text-lm; dataset is '{self.dataset}'")
         if self.client_optimizer == "adamw":
             if self.strategy in ("fedsgd", "scaffold", "fednova"):
                 raise ConfigError(

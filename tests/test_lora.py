@@ -305,6 +305,8 @@ def test_compressed_lora_updates_and_the_bytes_each_client_sends(
         ({"client-optimizer": "adamw", "client-momentum": 0.9}, "client-momentum is for client-optimizer 'sgd'"),
         ({"client-optimizer": "adam"}, "choose one of: sgd, adamw"),
         ({"hf-dtype": "int8"}, "choose one of: float32, bfloat16, float16"),
+        ({"hf-model": "/models/x"}, "hf-model is read by the hf-\\* models and the text datasets"),
+        ({"max-length": 64}, "max-length apply to the datasets text and text-lm"),
     ],
 )
 def test_config_rejects_what_cannot_work(overrides: dict[str, object], message: str) -> None:
