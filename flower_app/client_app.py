@@ -90,6 +90,7 @@ class FlowerClient(NumPyClient):
         rnd = int(config.get("server-round", 0))
         # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly.
         seed = zlib.crc32(f"{self.cfg.seed}:{rnd}:{self.data.partition_id}".encode())
+        torch.manual_seed(seed)  # dropout and other random layers replay too (this is the client's process)
         loader = make_loader(self.data.train.x, self.data.train.y, self.cfg.batch_size, shuffle=True, seed=seed)
         metrics: dict[str, Scalar] = {}
         extras: NDArrays = []

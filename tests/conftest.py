@@ -16,10 +16,13 @@ def _flower_logs_reach_caplog() -> Iterator[None]:
     # Flower's simulation turns propagation of its "flwr" logger off, and alembic's fileConfig (run
     # when a SuperLink state database is opened in-process) disables existing loggers: either would
     # hide Flower log lines from caplog in every later test of the session.
+    # Code run in-process (a benchmark's main, say) may also lower the logger's level for good.
     logger = logging.getLogger("flwr")
     logger.disabled = False
     logger.propagate = True
+    level = logger.level
     yield
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
