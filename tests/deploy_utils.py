@@ -30,6 +30,8 @@ from typing import Any
 import psutil
 import yaml
 
+from tests.flwr_utils import flwr_env
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -46,17 +48,7 @@ def free_port() -> int:
 
 def deploy_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for every Flower process: private FLWR_HOME, no network calls, unbuffered logs."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(home),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
-    env.update(extra or {})
-    return env
+    return {**flwr_env(home), **(extra or {})}
 
 
 def write_connection(
