@@ -47,20 +47,13 @@ def transformer_shapes(millions: float) -> list[tuple[int, ...]]:
     return shapes + [(d,), (d,)]
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in KiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_peak() -> bool:
@@ -114,12 +107,12 @@ def measure(method: str, millions: float, clients: int, repeats: int, threads: i
 
     times, peaks = [], []
     for _ in range(repeats):
-        before = _rss_kib()
+        before = _status_kib("VmRSS")
         _reset_peak()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-        peaks.append(max(0, _hwm_kib() - before))
+        peaks.append(max(0, _status_kib("VmHWM") - before))
         strategy = None
     model_bytes = num_params * 4
     best = min(times)
