@@ -58,7 +58,7 @@ _DISTANCE_CHUNK = 1 << 18
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
+def tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
     """Return a torch tensor sharing memory with ``x`` (a copy only when torch cannot view it).
 
     The caller must treat the result as read-only: writing to it would write to the caller's array. Read-only
@@ -80,7 +80,7 @@ def _tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
 
 def _float32_tensor(x: np.ndarray, where: str) -> torch.Tensor:
     """A float32 tensor with the values of ``x``: a view when ``x`` is float32 already, else a converted copy."""
-    view = _tensor_view(x, where)
+    view = tensor_view(x, where)
     return view if view.dtype == torch.float32 else view.to(torch.float32)
 
 
@@ -117,40 +117,45 @@ def _check_same_structure(arrays: Sequence[NDArrays]) -> list[tuple[int, ...]]:
     return shapes
 
 
+def accumulate_client(acc: list[torch.Tensor], client: Sequence[np.ndarray], coef: float, index: int) -> None:
+    """Add ``coef * client`` into ``acc`` in place; an empty ``acc`` is initialised from this client.
+
+    The accumulator holds one float32 tensor per array (``acc = float32(x_0) * c_0`` for the first client,
+    then ``acc += c_i * x_i`` via ``Tensor.add_(x, alpha=c_i)``), so no weighted copy of a client is made.
+    ``index`` names the client in error messages.
+    """
+    if not acc:
+        for j, x in enumerate(client):
+            view = tensor_view(x, f"client {index}, array {j}")
+            a = torch.empty(view.shape, dtype=torch.float32)
+            a.copy_(view)  # cast first, so a float16/float64 input is scaled in float32
+            a.mul_(coef)
+            acc.append(a)
+        return
+    if len(client) != len(acc):
+        raise ValueError(f"client {index} has {len(client)} arrays; client 0 has {len(acc)}")
+    for j, x in enumerate(client):
+        view = tensor_view(x, f"client {index}, array {j}")
+        if view.shape != acc[j].shape:
+            raise ValueError(
+                f"client {index}, array {j}: shape {tuple(view.shape)} differs from client 0's {tuple(acc[j].shape)}"
+            )
+        acc[j].add_(view, alpha=coef)
+
+
 def _stream_weighted_sum(arrays: Iterable[NDArrays], coefficients: np.ndarray) -> NDArrays:
     """Return ``sum_i coefficients[i] * arrays[i]`` in float32, reading one client at a time.
 
-    One float32 accumulator per array is created from client 0 (``acc = float32(x_0) * c_0``) and every later
-    client is added in place (``acc += c_i * x_i`` via ``Tensor.add_(x, alpha=c_i)``), so no weighted copy of a
-    client is ever made and a client is released as soon as the iterator moves on. The iterator is consumed
-    exactly once.
+    Each client goes through `accumulate_client`, so a client is released as soon as the iterator moves
+    on. The iterator is consumed exactly once.
     """
     num_expected = len(coefficients)
     acc: list[torch.Tensor] = []
-    shapes: list[tuple[int, ...]] = []
     num_seen = 0
     for i, client in enumerate(arrays):
         if i >= num_expected:
             raise ValueError(f"got more clients than the {num_expected} weights given (client {i} is extra)")
-        coef = float(coefficients[i])
-        if i == 0:
-            for j, x in enumerate(client):
-                view = _tensor_view(x, f"client {i}, array {j}")
-                a = torch.empty(view.shape, dtype=torch.float32)
-                a.copy_(view)  # cast first, so a float16/float64 input is scaled in float32
-                a.mul_(coef)
-                acc.append(a)
-                shapes.append(tuple(view.shape))
-        else:
-            if len(client) != len(acc):
-                raise ValueError(f"client {i} has {len(client)} arrays; client 0 has {len(acc)}")
-            for j, x in enumerate(client):
-                view = _tensor_view(x, f"client {i}, array {j}")
-                if tuple(view.shape) != shapes[j]:
-                    raise ValueError(
-                        f"client {i}, array {j}: shape {tuple(view.shape)} differs from client 0's {shapes[j]}"
-                    )
-                acc[j].add_(view, alpha=coef)
+        accumulate_client(acc, client, float(coefficients[i]), i)
         num_seen = i + 1
     if num_seen != num_expected:
         raise ValueError(f"got {num_seen} clients but {num_expected} weights")
@@ -275,11 +280,11 @@ def _pairwise_sq_distances(arrays: Sequence[NDArrays]) -> np.ndarray:
     n = len(arrays)
     finite = np.ones(n, dtype=bool)
     for i, client in enumerate(arrays):
-        finite[i] = all(bool(torch.isfinite(_tensor_view(x, f"client {i}")).all()) for x in client)
+        finite[i] = all(bool(torch.isfinite(tensor_view(x, f"client {i}")).all()) for x in client)
     idx = np.flatnonzero(finite)
     gram = torch.zeros((idx.size, idx.size), dtype=torch.float64)
     for j in range(len(arrays[0])):
-        flats = [_tensor_view(arrays[int(i)][j], f"client {int(i)}, array {j}").reshape(-1) for i in idx]
+        flats = [tensor_view(arrays[int(i)][j], f"client {int(i)}, array {j}").reshape(-1) for i in idx]
         size = flats[0].numel() if flats else 0
         for start in range(0, size, _DISTANCE_CHUNK):
             block = torch.stack([f[start : start + _DISTANCE_CHUNK] for f in flats]).to(torch.float64)

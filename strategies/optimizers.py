@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import numpy as np
 import torch
 
-from strategies.aggregators import _float32_tensor, _tensor_view
+from strategies.aggregators import _float32_tensor, tensor_view
 
 __all__ = [
     "OPTIMIZER_HPARAMS_USED",
@@ -214,7 +214,7 @@ def _check_step_inputs(weights: NDArrays, pseudo_grad: NDArrays, mask: Sequence[
     for j, (w, g) in enumerate(zip(weights, pseudo_grad, strict=True)):
         if np.shape(w) != np.shape(g):
             raise ValueError(f"array {j}: pseudo_grad shape {np.shape(g)} differs from weights shape {np.shape(w)}")
-        t = _tensor_view(g, f"pseudo_grad[{j}]")
+        t = tensor_view(g, f"pseudo_grad[{j}]")
         # A finite sum implies finite values (one read, no temporary); check element-wise only if not.
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             raise ValueError(f"pseudo_grad[{j}] contains NaN or inf")

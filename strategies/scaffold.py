@@ -25,7 +25,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from strategies.aggregators import _float32_tensor, _tensor_view
+from strategies.aggregators import _float32_tensor, tensor_view
 
 __all__ = ["NDArrays", "ScaffoldState", "scaffold_init", "scaffold_update_control"]
 
@@ -122,6 +122,6 @@ def scaffold_update_control(
     for j, c in enumerate(state.control):
         acc = _float32_tensor(c, f"control[{j}]").clone()
         for i, delta in enumerate(control_deltas):
-            acc.add_(_tensor_view(delta[j], f"client {i}, array {j}"), alpha=scale)
+            acc.add_(tensor_view(delta[j], f"client {i}, array {j}"), alpha=scale)
         new_control.append(acc.numpy())
     return ScaffoldState(control=new_control)

@@ -16,23 +16,16 @@ Neither makes a weighted copy of any update; inputs may be read-only and are nev
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from strategies.aggregators import accumulate_client, tensor_view
+
 NDArrays = list[np.ndarray]
 
 BLOCK_ELEMENTS = 1 << 17  # 512 KiB of float32: the accumulator block plus one input block fit in L2
-
-
-def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A tensor sharing ``array``'s memory (read-only inputs included: they are only read)."""
-    array = np.ascontiguousarray(array)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
 
 
 def _check_weights(weights: Sequence[float]) -> None:
@@ -60,7 +53,7 @@ def blocked_weighted_mean(
     finite = [True] * len(clients)
     out: NDArrays = []
     for j, first in enumerate(clients[0]):
-        flat = [_as_tensor(np.asarray(c[j])).reshape(-1) for c in clients]
+        flat = [tensor_view(c[j], f"client {i}, array {j}").reshape(-1) for i, c in enumerate(clients)]
         for i, t in enumerate(flat):
             if t.numel() != flat[0].numel():
                 raise ValueError(f"client {i}, array {j}: {t.numel()} elements, expected {flat[0].numel()}")
@@ -83,27 +76,18 @@ class StreamingMean:
     """sum_i w_i x_i / sum_i w_i, adding one client at a time into one accumulator per array."""
 
     def __init__(self) -> None:
-        self._acc: list[torch.Tensor] | None = None
+        self._acc: list[torch.Tensor] = []
         self.total_weight = 0.0
         self.count = 0
 
     def add(self, arrays: Sequence[np.ndarray], weight: float) -> None:
         _check_weights([weight])
-        tensors = [_as_tensor(np.asarray(a)) for a in arrays]
-        if self._acc is None:
-            self._acc = [t.to(torch.float32).mul(weight) for t in tensors]
-        else:
-            if len(tensors) != len(self._acc):
-                raise ValueError(f"client {self.count}: expected {len(self._acc)} arrays, got {len(tensors)}")
-            for i, (acc, t) in enumerate(zip(self._acc, tensors)):
-                if acc.shape != t.shape:
-                    raise ValueError(f"client {self.count}, array {i}: shape {tuple(t.shape)} != {tuple(acc.shape)}")
-                acc.add_(t, alpha=weight)
+        accumulate_client(self._acc, arrays, weight, self.count)
         self.total_weight += weight
         self.count += 1
 
     def result(self) -> NDArrays:
-        if self._acc is None:
+        if not self._acc:
             raise ValueError("no client was added")
         scale = 1.0 / self.total_weight
         return [acc.mul_(scale).numpy() for acc in self._acc]
