@@ -107,11 +107,13 @@ class FlowerClient(NumPyClient):
                 proximal_mu=float(config.get("proximal-mu", 0.0)),
                 optimizer=self.cfg.client_optimizer,
             )
-            correction = self._scaffold_correction(control) if self.rule.scaffold else None
+            # SCAFFOLD: this client's c_i, read once from node state (zeros before its first round).
+            own = (_load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]) if self.rule.scaffold else []
+            correction = self._scaffold_correction(control, own) if self.rule.scaffold else None
             result = train(self.model, loader, self.data.info.task, options, self.device, correction)
             new_weights = get_weights(self.model, self.spec)
             if self.rule.scaffold:
-                extras = self._scaffold_control_delta(global_weights, new_weights, control, result.num_steps)
+                extras = self._scaffold_control_delta(global_weights, new_weights, control, own, result.num_steps)
             payload = [w - g for w, g in zip(new_weights, global_weights)] if self.cfg.send_delta else new_weights
             metrics.update(train_loss=result.loss, local_steps=result.num_steps)
             if result.accuracy is not None:
@@ -148,16 +150,14 @@ class FlowerClient(NumPyClient):
         return payload, loss
 
     # ----------------------------------------------------------------------- SCAFFOLD
-    def _scaffold_correction(self, control: NDArrays) -> list[torch.Tensor]:
+    def _scaffold_correction(self, control: NDArrays, own: NDArrays) -> list[torch.Tensor]:
         """c - c_i per trainable parameter (Karimireddy et al. 2020, Algorithm 1 line 10)."""
-        own = _load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]
         return [torch.from_numpy(np.asarray(c, dtype=np.float32) - ci) for c, ci in zip(control, own)]
 
     def _scaffold_control_delta(
-        self, start: NDArrays, end: NDArrays, control: NDArrays, steps: int
+        self, start: NDArrays, end: NDArrays, control: NDArrays, own: NDArrays, steps: int
     ) -> NDArrays:
         """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr); returns c_i+ - c_i and stores c_i+."""
-        own = _load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]
         scale = 1.0 / (max(steps, 1) * self.cfg.learning_rate)
         x = [w for w, t in zip(start, self.spec.trainable) if t]
         y = [w for w, t in zip(end, self.spec.trainable) if t]
