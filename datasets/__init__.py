@@ -11,6 +11,7 @@ Typical use::
 """
 
 from .cache import load_source_cached
+from .core import Source, SourceOptions, TensorData, default_data_root
 from .partitioners import (
     PARTITIONER_NAMES,
     PARTITIONERS,
@@ -21,15 +22,8 @@ from .partitioners import (
     partition,
     partition_summary,
 )
-from .sources import (
-    SOURCES,
-    Source,
-    SourceOptions,
-    TensorData,
-    default_data_root,
-    linear_true_parameters,
-    load_source,
-)
+from .registry import SOURCES, load_source
+from .sources import linear_true_parameters
 
 __all__ = [
     "PARTITIONERS",

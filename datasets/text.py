@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .sources import CAUSAL_LM, CLASSIFICATION, Source, SourceOptions, _split_indices, _take
+from .core import CAUSAL_LM, CLASSIFICATION, Source, SourceOptions, split_indices, take
 
 __all__ = [
     "IGNORE_INDEX",
@@ -215,7 +215,7 @@ def load_text_source(options: SourceOptions) -> Source:
     x = encode_texts(tokenizer, texts, options.max_length)
     y = torch.from_numpy(codes)
     strata = groups * len(classes) + codes
-    train_idx, test_idx = _split_indices(len(codes), strata, options.test_fraction, options.seed)
+    train_idx, test_idx = split_indices(len(codes), strata, options.test_fraction, options.seed)
     natural = group_partitions(groups[train_idx], options.num_partitions, options.seed)
     logger.info(
         "text source: %d examples from %d file(s), %d classes %s, max_length %d",
@@ -226,8 +226,8 @@ def load_text_source(options: SourceOptions) -> Source:
         task=CLASSIFICATION,
         num_classes=len(classes),
         input_shape=(options.max_length,),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
         natural_partitions=natural,
     )
 
@@ -246,7 +246,7 @@ def load_text_lm_source(options: SourceOptions) -> Source:
         ys.append(y)
         block_groups.append(np.full(len(x), g, dtype=np.int64))
     x, y, blocks = torch.cat(xs), torch.cat(ys), np.concatenate(block_groups)
-    train_idx, test_idx = _split_indices(len(x), blocks, options.test_fraction, options.seed)
+    train_idx, test_idx = split_indices(len(x), blocks, options.test_fraction, options.seed)
     natural = group_partitions(blocks[train_idx], options.num_partitions, options.seed)
     logger.info("text-lm source: %d blocks of %d tokens from %d file(s)", len(x), options.max_length, len(files))
     return Source(
@@ -254,7 +254,7 @@ def load_text_lm_source(options: SourceOptions) -> Source:
         task=CAUSAL_LM,
         num_classes=None,
         input_shape=(options.max_length,),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
         natural_partitions=natural,
     )
