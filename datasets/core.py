@@ -12,6 +12,7 @@ scaled to ``[0, 1]`` and then normalized per channel; classification labels are 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "CAUSAL_LM",
     "CLASSIFICATION",
     "REGRESSION",
+    "DataFileError",
     "Source",
     "SourceOptions",
     "TensorData",
@@ -36,6 +38,48 @@ logger = logging.getLogger(__name__)
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 CAUSAL_LM = "causal-lm"  # x: token ids, y: the same ids with -100 at padding (datasets.text)
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used as it is; the message names the file, and the line or row where known.
+
+    A :class:`ValueError`, so every caller that turns bad data into a clear failure (the ClientApp turns
+    ``ValueError`` and ``OSError`` into the node's error that the server logs) catches it.
+
+    Attributes:
+        path: The file (or, for a problem of several files together, the data path or glob).
+        problem: What is wrong, without the location.
+        line: 1-based line of the file where the problem is, if known.
+        row: 1-based record number where lines do not apply (an item of a JSON array), if known.
+        column: The column (CSV) or key (JSON) concerned, if any; the problem text names it too.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        problem: str,
+        *,
+        line: int | None = None,
+        row: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.line = line
+        self.row = row
+        self.column = column
+        where = self.path + (f", line {line}" if line is not None else "") + (f", row {row}" if row is not None else "")
+        super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields: rebuild through a helper so the error pickles (Ray ships client errors).
+        return (_rebuild_data_file_error, (self.path, self.problem, self.line, self.row, self.column))
+
+
+def _rebuild_data_file_error(
+    path: str, problem: str, line: int | None, row: int | None, column: str | None
+) -> DataFileError:
+    return DataFileError(path, problem, line=line, row=row, column=column)
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,6 +126,10 @@ class Source:
             ``int64`` index array into ``train`` per device; ``None`` otherwise.
         target_dim: Output size for regression (``y`` is ``(N, target_dim)``); ``None`` for
             classification.
+        class_names: Classification: the label of each class index, as text (``class_names[i]`` is
+            what the data called class ``i``: a CSV label, a folder name, ``"airplane"``); when not
+            given, ``"0"``, ``"1"``, ... ``None`` for the other tasks. Two data owners agree on what
+            an index means exactly when their ``class_names`` are equal (:mod:`datasets.labels`).
     """
 
     name: str
@@ -92,14 +140,28 @@ class Source:
     test: TensorData
     natural_partitions: tuple[np.ndarray, ...] | None = None
     target_dim: int | None = None
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in (CLASSIFICATION, REGRESSION, CAUSAL_LM):
             raise ValueError(f"task must be '{CLASSIFICATION}', '{REGRESSION}' or '{CAUSAL_LM}', got '{self.task}'")
-        if self.task == CLASSIFICATION and (self.num_classes is None or self.num_classes < 1):
-            raise ValueError("a classification source needs num_classes >= 1")
-        if self.task in (REGRESSION, CAUSAL_LM) and self.num_classes is not None:
-            raise ValueError(f"a {self.task} source must have num_classes=None")
+        if self.task == CLASSIFICATION:
+            if self.num_classes is None or self.num_classes < 1:
+                raise ValueError("a classification source needs num_classes >= 1")
+            if self.class_names is None:
+                object.__setattr__(self, "class_names", tuple(str(i) for i in range(self.num_classes)))
+            else:
+                names = tuple(str(n) for n in self.class_names)
+                if len(names) != self.num_classes or len(set(names)) != len(names):
+                    raise ValueError(
+                        f"class_names must be {self.num_classes} distinct names (one per class), got {list(names)}"
+                    )
+                object.__setattr__(self, "class_names", names)
+        else:
+            if self.num_classes is not None:
+                raise ValueError(f"a {self.task} source must have num_classes=None")
+            if self.class_names is not None:
+                raise ValueError(f"a {self.task} source has no class names")
 
 
 @dataclass(frozen=True)
@@ -123,11 +185,12 @@ class SourceOptions:
         synthetic_beta: ``beta`` of Synthetic(alpha, beta): how much local feature means differ.
         num_partitions: Number of devices generated by ``synthetic`` (one natural partition each).
         image_size: ``image-folder`` images are resized to ``image_size x image_size``.
-        class_names: ``csv``, ``image-folder``: comma-separated class names; label ``name`` (a CSV
-            value, or a folder name) gets the index of ``name`` in this list, and ``num_classes`` is
-            its length. Set it when data owners hold separate files: without it each file's own
-            sorted distinct labels define the classes, and a file missing a class would disagree
-            with the others about what each index means.
+        class_names: ``csv``, ``image-folder``, ``text``: comma-separated class names (two or more);
+            label ``name`` (a CSV or text label, or a folder name) gets the index of ``name`` in this
+            list, and ``num_classes`` is its length; a label outside the list is refused, naming it.
+            Set it when data owners hold separate files: without it each file's own sorted distinct
+            labels define the classes, a file missing a class would disagree with the others about
+            what each index means, and a file with a single class is refused.
         text_column: ``text``, ``text-lm``: column (csv, tsv, jsonl) holding the text.
         tokenizer: ``text``, ``text-lm``: the model directory or hub id whose tokenizer encodes the text.
         max_length: ``text``, ``text-lm``: tokens per example (longer texts are cut, shorter ones padded).

@@ -22,8 +22,11 @@ The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`.
 
 from __future__ import annotations
 
+import io
 import logging
+import operator
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import torch
 from .core import (
     CLASSIFICATION,
     REGRESSION,
+    DataFileError,
     Source,
     SourceOptions,
     TensorData,
@@ -42,6 +46,8 @@ from .core import (
     split_indices,
     take,
 )
+from .files import IMAGE_EXTENSIONS, Table, decode_text, parse_table, read_bytes, scan_image_folder
+from .labels import MISSING_MARKERS, encode_labels, label_name
 
 __all__ = [
     "linear_true_parameters",
@@ -128,6 +134,8 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         x = normalize_images(x, *_NORMALIZATION[name])
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
+        # MNIST's own names are "0 - zero", ...: its labels are the digits, "0".."9" (the default).
+        class_names = tuple(ds.classes) if name == "fashion-mnist" else None
     train_data, test_data = splits
     logger.info("loaded %s: %d train, %d test examples", name, len(train_data), len(test_data))
     return Source(
@@ -137,6 +145,7 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         input_shape=tuple(train_data.x.shape[1:]),
         train=train_data,
         test=test_data,
+        class_names=class_names,
     )
 
 
@@ -174,6 +183,7 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         x = normalize_images(x, *_NORMALIZATION["cifar10"])
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
+        class_names = tuple(str(c) for c in ds.classes)  # "airplane", ..., from batches.meta
     train_data, test_data = splits
     logger.info("loaded cifar10: %d train, %d test examples", len(train_data), len(test_data))
     return Source(
@@ -183,67 +193,168 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         input_shape=tuple(train_data.x.shape[1:]),
         train=train_data,
         test=test_data,
+        class_names=class_names,
     )
 
 
-def _codes_from_names(values: np.ndarray, class_names: str, what: str) -> tuple[list[str], np.ndarray]:
-    """Map label values to their index in the comma-separated ``class_names``."""
-    names = [n.strip() for n in class_names.split(",")]
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"class_names must be distinct, non-empty comma-separated names, got '{class_names}'")
-    index = {n: i for i, n in enumerate(names)}
-    as_text = np.asarray(values).astype(str)
-    unknown = sorted(set(as_text.tolist()) - set(index))
-    if unknown:
-        raise ValueError(f"{what} holds labels not in class_names ({', '.join(names)}): {', '.join(unknown[:10])}")
-    return names, np.array([index[v] for v in as_text.tolist()], dtype=np.int64)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Line breaks of str.splitlines that the csv module does not break lines at (it breaks at \r and \n only).
+_OTHER_LINE_BREAKS = "\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_count_commas = operator.methodcaller("count", ",")
+
+
+def _existing_path(options: SourceOptions, what: str, hint: str) -> Path:
+    """``options.path`` expanded; FileNotFoundError naming it when nothing is there (a broken link included)."""
+    if not options.path:
+        raise FileNotFoundError(f"{what} not found: '' ({hint})")
+    path = Path(os.path.expanduser(options.path))
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: '{options.path}' ({hint})")
+    return path
+
+
+def _feature_column(table: Table, name: str) -> np.ndarray:
+    """The cells of feature column ``name`` as finite float64 values within the float32 range.
+
+    Raises:
+        DataFileError: At the first cell that is missing, not a number, not finite, or beyond float32.
+    """
+    cells = table.column(name)
+    try:
+        values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+    except ValueError:
+        values = None
+    if values is not None and bool(np.all(np.abs(values) <= _FLOAT32_MAX)):  # False for NaN and inf
+        return values
+    for cell, line in zip(cells, table.lines, strict=True):
+        text = cell.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            if text in MISSING_MARKERS:
+                problem = f"feature column '{name}' has missing values ({'an empty cell' if not text else repr(text)})"
+            else:
+                problem = f"feature column '{name}' is not numeric: {text!r}"
+            raise DataFileError(table.path, problem, line=line, column=name) from None
+        if not np.isfinite(value):
+            problem = f"feature column '{name}' holds the non-finite value {text!r}; features must be finite numbers"
+            raise DataFileError(table.path, problem, line=line, column=name)
+        if abs(value) > _FLOAT32_MAX:
+            problem = f"feature column '{name}' holds {text!r}, beyond the float32 range (largest {_FLOAT32_MAX:.4g})"
+            raise DataFileError(table.path, problem, line=line, column=name)
+    raise AssertionError("unreachable: a column failed the vectorized check but no cell did")
+
+
+def _label_column(table: Table, name: str) -> list[str]:
+    """The class name of each row's label (:func:`datasets.labels.label_name`)."""
+    names = []
+    for cell, line in zip(table.column(name), table.lines, strict=True):
+        try:
+            label = label_name(cell)
+        except ValueError as err:
+            raise DataFileError(table.path, f"label column '{name}': {err}", line=line, column=name) from None
+        if label is None:
+            raise DataFileError(table.path, f"label column '{name}' has missing values", line=line, column=name)
+        names.append(label)
+    return names
+
+
+def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, list[str]] | None:
+    """Feature names, features and label names of a clean CSV, read with pandas' C parser; else None.
+
+    The fast path for the common case (several times faster than the exact reader on large files, and
+    the parser the first version used): it accepts a file only when it has no quote character, every
+    non-blank line has as many fields as the header, the header has distinct names, every feature is
+    an int or float column of finite values within float32, and every label parses. Anything unusual
+    returns None, and the exact reader (:func:`datasets.files.parse_table` and the cell checks) then
+    reads the file and names the first bad cell.
+    """
+    if '"' in text:
+        return None  # quoted fields may hold commas and line breaks: the exact reader
+    # Without quotes a row is a line (the csv module's line breaks), so the shape is checked exactly here,
+    # before pandas could take a row with an extra field for an index column and shift every value.
+    if any(mark in text for mark in _OTHER_LINE_BREAKS):
+        return None  # str.splitlines would split where the csv module does not
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return None
+    header = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(lines[0].split(","))]
+    if set(map(_count_commas, lines)) != {len(header) - 1}:
+        return None
+    if len(set(header)) != len(header) or label_column not in header:
+        return None
+    try:
+        # From bytes: pandas' C parser decodes faster than it reads a Python string.
+        frame = pd.read_csv(io.BytesIO(text.encode("utf-8")), index_col=False, on_bad_lines="error")
+    except Exception:  # noqa: BLE001 - any doubt goes to the exact reader, which explains it
+        return None
+    if frame.shape != (len(lines) - 1, len(header)):
+        return None
+    frame.columns = pd.Index(header)
+    feature_columns = [c for c in header if c != label_column]
+    if not feature_columns or not all(frame[c].dtype.kind in "iuf" for c in feature_columns):  # bool is kind "b"
+        return None
+    features = frame[feature_columns].to_numpy(dtype=np.float64)
+    if not bool(np.all(np.abs(features) <= _FLOAT32_MAX)):  # False for NaN (a missing cell) and inf
+        return None
+    labels = frame[label_column]
+    if labels.dtype.kind == "b":
+        return None
+    values = labels.to_numpy() if labels.dtype.kind in "iu" else labels.to_numpy(dtype=object).astype(str)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    try:
+        names = [label_name(v) for v in distinct.tolist()]
+    except ValueError:
+        return None
+    if any(n is None for n in names) or labels.isna().any():
+        return None
+    return feature_columns, features, [str(names[i]) for i in inverse.reshape(-1)]
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, list[str], Callable[[int], int]]:
+    """Feature names, features (float64), label names, and a map from row to file line (for messages)."""
+    text = decode_text(read_bytes(path), path)
+    clean = _clean_csv(text, label_column)
+    if clean is not None:
+        return (*clean, lambda i: parse_table(text, path).lines[i])  # the exact reader, only for a message
+    table = parse_table(text, path)
+    if label_column not in table.header:
+        raise DataFileError(
+            path, f"label column '{label_column}' not in the header; available columns: " + ", ".join(table.header)
+        )
+    feature_columns = [c for c in table.header if c != label_column]
+    if not feature_columns:
+        raise DataFileError(path, f"no feature column besides the label column '{label_column}'")
+    features = np.stack([_feature_column(table, c) for c in feature_columns], axis=1)
+    return feature_columns, features, _label_column(table, label_column), table.lines.__getitem__
 
 
 def load_csv_source(options: SourceOptions) -> Source:
     """Load a tabular classification data set from the CSV file ``options.path``.
 
-    The column ``options.label_column`` holds the class label (integers or strings); labels are
-    mapped to the codes of their sorted distinct values, so ``num_classes`` is the number of distinct
-    labels. Every other column is a numeric feature. Features are standardized with the mean and std
-    of the train split (a constant column is only centred).
+    The file is UTF-8 with a header row (:func:`datasets.files.read_table`). The column
+    ``options.label_column`` holds the class label (integers or names, :mod:`datasets.labels`); labels
+    are mapped to the index of their sorted distinct values (by value when all are integers), or to
+    their place in ``options.class_names``. Every other column is a numeric feature: finite and within
+    the float32 range. Features are standardized with the mean and std of the train split (a constant
+    column is only centred).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the label column is missing (the message lists the columns), a feature
-            column is not numeric or has missing values, a label is missing, or there is no feature.
+        DataFileError: (a ValueError) naming the file, and the line where one is to blame: the file is
+            not a regular file, empty, header-only, not UTF-8, ragged; the label column is missing (the
+            message lists the columns); a feature is missing, not numeric, not finite or beyond
+            float32; a label is missing or a non-integer number; a label is outside ``class_names``;
+            without ``class_names``, the file holds a single class.
+        OSError: If the file cannot be read.
     """
-    path = Path(os.path.expanduser(options.path)) if options.path else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"CSV file not found: '{options.path}' (set path to an existing file)")
-    frame = pd.read_csv(path)
-    if options.label_column not in frame.columns:
-        raise ValueError(
-            f"label column '{options.label_column}' not in {path}; available columns: "
-            + ", ".join(str(c) for c in frame.columns)
-        )
-    feature_columns = [c for c in frame.columns if c != options.label_column]
-    if not feature_columns:
-        raise ValueError(f"{path} has no feature column besides the label column '{options.label_column}'")
-    for column in feature_columns:
-        if not pd.api.types.is_numeric_dtype(frame[column]):
-            raise ValueError(f"feature column '{column}' of {path} is not numeric (dtype {frame[column].dtype})")
-        if frame[column].isna().any():
-            raise ValueError(f"feature column '{column}' of {path} has missing values")
-    label_series = frame[options.label_column]
-    if label_series.isna().any():
-        raise ValueError(f"label column '{options.label_column}' of {path} has missing values")
-    label_values = label_series.to_numpy()
-    if not pd.api.types.is_numeric_dtype(label_series):
-        label_values = label_values.astype(str)
-    if options.class_names:
-        classes, codes = _codes_from_names(label_values, options.class_names, f"label column '{options.label_column}' of {path}")
-    else:
-        distinct, codes = np.unique(label_values, return_inverse=True)
-        classes = distinct.tolist()
-    codes = codes.astype(np.int64).reshape(-1)
+    path = _existing_path(options, "CSV file", "set path to an existing file")
+    feature_columns, features, names, line_of = _read_csv(path, options.label_column)
+    classes, codes = encode_labels(
+        names, options.class_names, where=str(path), example_at=lambda i: f"line {line_of(i)}"
+    )
     logger.debug("csv %s: label classes %s -> codes 0..%d", path, list(classes), len(classes) - 1)
 
-    features = frame[feature_columns].to_numpy(dtype=np.float64)
     train_idx, test_idx = split_indices(len(codes), codes, options.test_fraction, options.seed)
     mean = features[train_idx].mean(axis=0)
     std = features[train_idx].std(axis=0)
@@ -257,58 +368,85 @@ def load_csv_source(options: SourceOptions) -> Source:
         input_shape=(len(feature_columns),),
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
+        class_names=classes,
     )
+
+
+def _decode_image(path: Path, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """One image file as a ``3 x H x W`` tensor in ``[0, 1]`` (converted to RGB, then ``transform``)."""
+    from PIL import Image
+
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return transform(image.convert("RGB"))
+    except Exception as err:  # hostile bytes: PIL's decoders raise many types (OSError, SyntaxError, ...)
+        raise DataFileError(path, f"cannot be read as an image ({type(err).__name__}: {err})") from err
 
 
 def load_image_folder_source(options: SourceOptions) -> Source:
     """Load an image classification data set from the directory ``options.path``.
 
     The layout is torchvision's :class:`~torchvision.datasets.ImageFolder`: one sub-folder per class
-    (classes are the sorted folder names). Images are converted to RGB, resized to
-    ``options.image_size`` squared, scaled to ``[0, 1]`` and normalized per channel with the mean and
-    std of the train split.
+    (classes are the sorted folder names, or their place in ``options.class_names``), image files
+    anywhere below it (:func:`datasets.files.scan_image_folder`). Special files with an image name
+    (FIFO, socket, device, broken link) and hidden entries are skipped with a warning; they are never
+    opened. Images are converted to RGB, resized to ``options.image_size`` squared, scaled to
+    ``[0, 1]`` and normalized per channel with the mean and std of the train split.
 
     Raises:
-        FileNotFoundError: If the directory does not exist or holds no class folder with images.
+        FileNotFoundError: If the directory does not exist, holds no class folder with images, or
+            (without ``class_names``) a class folder holds no image.
+        DataFileError: (a ValueError) naming the file: an image that cannot be decoded; a class
+            folder outside ``class_names``; without ``class_names``, a single class folder.
+        OSError: If a file cannot be read (permission), naming it.
     """
-    import torchvision.datasets as tvd
     import torchvision.transforms as tvt
 
-    root = Path(os.path.expanduser(options.path)) if options.path else None
-    if root is None or not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: '{options.path}' (set path to a directory of class folders)")
+    root = _existing_path(options, "image folder", "set path to a directory of class folders")
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{options.path}' is not a directory of class folders")
+    scan = scan_image_folder(root)
+    if scan.skipped:
+        logger.warning(
+            "image folder %s: skipped %d entries: %s", root, len(scan.skipped),
+            "; ".join(f"{p} ({why})" for p, why in scan.skipped[:10]),
+        )
+    if not scan.images:
+        raise FileNotFoundError(
+            f"image folder '{root}' holds no class sub-folder with images (class folders: "
+            f"{', '.join(scan.classes) or 'none'}; image files end in {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    empty = sorted(set(scan.classes) - {c for _, c in scan.images})
+    if empty and not options.class_names:
+        raise FileNotFoundError(
+            f"image folder '{root}': class folder(s) {', '.join(empty)} hold no image (image files end in "
+            f"{', '.join(IMAGE_EXTENSIONS)}); remove them, or set class-names to list every class"
+        )
     size = options.image_size
     transform = tvt.Compose([tvt.Resize((size, size)), tvt.ToTensor()])
-    try:
-        folder = tvd.ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image folder '{root}' holds no class sub-folder with images ({err})") from err
-    if len(folder) == 0:
-        raise FileNotFoundError(f"image folder '{root}' holds no images")
     # Images must be decoded one by one here; there is no array to read whole.
-    images = [folder[i][0] for i in range(len(folder))]
-    x = torch.stack(images).to(torch.float32)
-    labels = np.asarray(folder.targets, dtype=np.int64)
-    num_classes = len(folder.classes)
-    if options.class_names:
-        folder_names = np.asarray(folder.classes, dtype=str)[labels]
-        classes, labels = _codes_from_names(folder_names, options.class_names, f"class folders of {root}")
-        labels = labels.astype(np.int64)
-        num_classes = len(classes)
+    x = torch.stack([_decode_image(path, transform) for path, _ in scan.images]).to(torch.float32)
+    folder_of = [c for _, c in scan.images]
+    classes, labels = encode_labels(
+        folder_of, options.class_names, where=str(root), numeric_order=False,
+        example_at=lambda i: str(scan.images[i][0]),
+    )
     train_idx, test_idx = split_indices(len(labels), labels, options.test_fraction, options.seed)
     index = torch.from_numpy(train_idx)
     mean = x[index].mean(dim=(0, 2, 3))
     std = x[index].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
     x = normalize_images(x, tuple(mean.tolist()), tuple(std.tolist()))
     y = torch.from_numpy(labels)
-    logger.info("loaded image folder %s: %d images, %d classes", root, len(labels), num_classes)
+    logger.info("loaded image folder %s: %d images, %d classes", root, len(labels), len(classes))
     return Source(
         name="image-folder",
         task=CLASSIFICATION,
-        num_classes=num_classes,
+        num_classes=len(classes),
         input_shape=tuple(x.shape[1:]),
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
+        class_names=classes,
     )
 
 
