@@ -145,32 +145,27 @@ def parse_table(text: str, path: str | os.PathLike[str], delimiter: str = ",") -
     """:func:`read_table` of the already decoded ``text`` of the file ``path``."""
     file = Path(path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header: tuple[str, ...] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
     # Python's csv refuses fields over field_size_limit() (128 KiB) characters; pandas has no such
     # limit and a text column may hold a whole document. No field is longer than the file.
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))
-    start = 1
     try:
-        for row in reader:
-            line, start = start, reader.line_num + 1
-            if is_blank_row(row):
-                continue
-            if header is None:
-                header = _header(row, file)
-                continue
-            if len(row) != len(header):
-                raise DataFileError(
-                    file, f"{len(row)} fields where the header has {len(header)} ({', '.join(header)})", line=line
-                )
-            rows.append(row)
-            lines.append(line)
+        parsed = [(row, reader.line_num) for row in reader]  # line_num: the row's last line
     except csv.Error as err:
         raise DataFileError(file, f"is not a valid CSV file: {err}", line=reader.line_num) from None
     finally:
         csv.field_size_limit(limit)
+    # A row starts on the line after the previous row's last line; blank lines are dropped.
+    starts = [1, *(end + 1 for _, end in parsed[:-1])] if parsed else []
+    kept = [(row, start) for (row, _), start in zip(parsed, starts, strict=True) if not is_blank_row(row)]
+    header = _header(kept[0][0], file) if kept else None
+    rows = [row for row, _ in kept[1:]]
+    lines = [start for _, start in kept[1:]]
+    if header is not None:
+        bad = next((i for i, row in enumerate(rows) if len(row) != len(header)), None)
+        if bad is not None:
+            problem = f"{len(rows[bad])} fields where the header has {len(header)} ({', '.join(header)})"
+            raise DataFileError(file, problem, line=lines[bad])
     if header is None:
         raise DataFileError(file, "is empty: no header and no data rows")
     if not rows:

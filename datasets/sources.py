@@ -22,9 +22,9 @@ The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
-import operator
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +46,7 @@ from .core import (
     split_indices,
     take,
 )
-from .files import IMAGE_EXTENSIONS, Table, decode_text, parse_table, read_bytes, scan_image_folder
+from .files import IMAGE_EXTENSIONS, Table, decode_text, is_blank_row, parse_table, read_bytes, scan_image_folder
 from .labels import MISSING_MARKERS, encode_labels, label_name
 
 __all__ = [
@@ -198,9 +198,6 @@ def load_cifar10_source(options: SourceOptions) -> Source:
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Line breaks of str.splitlines that the csv module does not break lines at (it breaks at \r and \n only).
-_OTHER_LINE_BREAKS = "\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-_count_commas = operator.methodcaller("count", ",")
 
 
 def _existing_path(options: SourceOptions, what: str, hint: str) -> Path:
@@ -263,24 +260,28 @@ def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, lis
     """Feature names, features and label names of a clean CSV, read with pandas' C parser; else None.
 
     The fast path for the common case (several times faster than the exact reader on large files, and
-    the parser the first version used): it accepts a file only when it has no quote character, every
-    non-blank line has as many fields as the header, the header has distinct names, every feature is
-    an int or float column of finite values within float32, and every label parses. Anything unusual
-    returns None, and the exact reader (:func:`datasets.files.parse_table` and the cell checks) then
-    reads the file and names the first bad cell.
+    the parser the first version used). It accepts a file only when the header has distinct names,
+    every feature is an int or float column of finite values within float32, and every label parses.
+    Anything unusual returns None, and the exact reader (:func:`datasets.files.parse_table` and the
+    cell checks) reads the file again and names the first bad cell.
+
+    Where pandas could read another table than the exact reader: a first data row longer than the
+    header (pandas takes its first field for an index and shifts every value, or drops the extra
+    field) is checked here with the csv module; a later longer row is a pandas error; a shorter row
+    leaves NaN, which the checks refuse.
     """
-    if '"' in text:
-        return None  # quoted fields may hold commas and line breaks: the exact reader
-    # Without quotes a row is a line (the csv module's line breaks), so the shape is checked exactly here,
-    # before pandas could take a row with an extra field for an index column and shift every value.
-    if any(mark in text for mark in _OTHER_LINE_BREAKS):
-        return None  # str.splitlines would split where the csv module does not
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) < 2:
+    first: list[list[str]] = []
+    try:
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if not is_blank_row(row):
+                first.append(row)
+                if len(first) == 2:
+                    break
+    except csv.Error:
         return None
-    header = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(lines[0].split(","))]
-    if set(map(_count_commas, lines)) != {len(header) - 1}:
+    if len(first) < 2 or len(first[1]) != len(first[0]):
         return None
+    header = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(first[0])]
     if len(set(header)) != len(header) or label_column not in header:
         return None
     try:
@@ -288,7 +289,7 @@ def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, lis
         frame = pd.read_csv(io.BytesIO(text.encode("utf-8")), index_col=False, on_bad_lines="error")
     except Exception:  # noqa: BLE001 - any doubt goes to the exact reader, which explains it
         return None
-    if frame.shape != (len(lines) - 1, len(header)):
+    if frame.shape[1] != len(header) or len(frame) < 1:
         return None
     frame.columns = pd.Index(header)
     feature_columns = [c for c in header if c != label_column]
@@ -298,7 +299,7 @@ def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, lis
     if not bool(np.all(np.abs(features) <= _FLOAT32_MAX)):  # False for NaN (a missing cell) and inf
         return None
     labels = frame[label_column]
-    if labels.dtype.kind == "b":
+    if labels.dtype.kind == "b" or bool(labels.isna().any()):
         return None
     values = labels.to_numpy() if labels.dtype.kind in "iu" else labels.to_numpy(dtype=object).astype(str)
     distinct, inverse = np.unique(values, return_inverse=True)
@@ -306,7 +307,7 @@ def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, lis
         names = [label_name(v) for v in distinct.tolist()]
     except ValueError:
         return None
-    if any(n is None for n in names) or labels.isna().any():
+    if any(n is None for n in names):
         return None
     return feature_columns, features, [str(names[i]) for i in inverse.reshape(-1)]
 
@@ -316,7 +317,8 @@ def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, lis
     text = decode_text(read_bytes(path), path)
     clean = _clean_csv(text, label_column)
     if clean is not None:
-        return (*clean, lambda i: parse_table(text, path).lines[i])  # the exact reader, only for a message
+        # Only a message about a label (outside class_names) needs a line: the exact reader finds it then.
+        return (*clean, lambda i: parse_table(text, path).lines[i])
     table = parse_table(text, path)
     if label_column not in table.header:
         raise DataFileError(
