@@ -11,6 +11,15 @@ Typical use::
 """
 
 from .cache import load_source_cached
+from .core import DataFileError, Source, SourceOptions, TensorData, default_data_root
+from .labels import (
+    LabelMismatch,
+    check_class_names,
+    check_held_out,
+    compare_class_names,
+    parse_class_names,
+    present_class_names,
+)
 from .partitioners import (
     PARTITIONER_NAMES,
     PARTITIONERS,
@@ -21,31 +30,31 @@ from .partitioners import (
     partition,
     partition_summary,
 )
-from .sources import (
-    SOURCES,
-    Source,
-    SourceOptions,
-    TensorData,
-    default_data_root,
-    linear_true_parameters,
-    load_source,
-)
+from .registry import SOURCES, load_source
+from .sources import linear_true_parameters
 
 __all__ = [
     "PARTITIONERS",
     "PARTITIONER_NAMES",
     "SOURCES",
+    "DataFileError",
+    "LabelMismatch",
     "PartitionOptions",
     "Source",
     "SourceOptions",
     "TensorData",
+    "check_class_names",
+    "check_held_out",
     "clear_partition_cache",
+    "compare_class_names",
     "default_data_root",
     "example_keys",
     "linear_true_parameters",
     "load_partition",
     "load_source",
     "load_source_cached",
+    "parse_class_names",
     "partition",
     "partition_summary",
+    "present_class_names",
 ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from .sources import Source, SourceOptions, load_source
+from .core import Source, SourceOptions
+from .registry import load_source
 
 __all__ = ["load_source_cached"]
 
@@ -21,9 +22,9 @@ _MAX_CACHED_SOURCES = 4
 
 @functools.lru_cache(maxsize=_MAX_CACHED_SOURCES)
 def load_source_cached(name: str, options: SourceOptions) -> Source:
-    """Like :func:`datasets.sources.load_source`, but memoized in-process by ``(name, options)``.
+    """Like :func:`datasets.registry.load_source`, but memoized in-process by ``(name, options)``.
 
-    The same :class:`~datasets.sources.Source` object is returned for equal arguments, so its
+    The same :class:`~datasets.core.Source` object is returned for equal arguments, so its
     tensors are shared: do not modify them in place. Files changed on disk after the first call
     are not re-read; call ``load_source_cached.cache_clear()`` to forget cached sources.
     """

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .sources import Source, TensorData
+from .core import Source, TensorData
 
 __all__ = [
     "PARTITIONERS",

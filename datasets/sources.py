@@ -1,10 +1,7 @@
-"""Data sources: whole data sets loaded into memory as tensors.
+"""The built-in sources: embedded, downloaded, generated, and the user's CSV file or image folder.
 
-A *source* turns a name and a :class:`SourceOptions` into a :class:`Source`: a train split, a held-out
-test split for centralized evaluation, and the metadata a model needs (task, number of classes, input
-shape). Sources do no partitioning; :mod:`datasets.partitioners` splits ``Source.train`` among clients.
-
-Registered sources (see :data:`SOURCES`):
+Each ``load_*_source(options)`` returns a :class:`~datasets.core.Source`; :mod:`datasets.registry` names
+them. Sources do no partitioning; :mod:`datasets.partitioners` splits ``Source.train`` among clients.
 
 ``digits``
     scikit-learn's embedded 8x8 handwritten digits (1,797 images, 10 classes). Needs no download;
@@ -19,22 +16,17 @@ Registered sources (see :data:`SOURCES`):
     Synthetic linear regression, ``y = X w* + b* + noise``.
 ``synthetic``
     Synthetic(alpha, beta) of FedProx (Li et al., 2020), with one natural partition per device.
-``text``, ``text-lm``
-    Labelled texts (sequence classification) and running text (causal language modelling) from
-    txt/csv/tsv/jsonl files, tokenized with ``tokenizer``; one natural partition group per file
-    (:mod:`datasets.text`).
 
-Conventions for every source: features are ``float32``; images are ``N x C x H x W``, scaled to
-``[0, 1]`` and then normalized per channel; classification labels are ``int64`` class indices in
-``[0, num_classes)``; regression targets are ``float32``.
+The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +34,34 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .core import (
+    CLASSIFICATION,
+    REGRESSION,
+    DataFileError,
+    Source,
+    SourceOptions,
+    TensorData,
+    default_data_root,
+    normalize_images,
+    split_indices,
+    take,
+)
+from .files import IMAGE_EXTENSIONS, Table, decode_text, is_blank_row, parse_table, read_bytes, scan_image_folder
+from .labels import MISSING_MARKERS, encode_labels, label_name
+
 __all__ = [
-    "SOURCES",
-    "Source",
-    "SourceOptions",
-    "TensorData",
-    "default_data_root",
     "linear_true_parameters",
-    "load_source",
+    "load_cifar10_source",
+    "load_csv_source",
+    "load_digits_source",
+    "load_fashion_mnist_source",
+    "load_image_folder_source",
+    "load_linear_source",
+    "load_mnist_source",
+    "load_synthetic_source",
 ]
 
 logger = logging.getLogger(__name__)
-
-CLASSIFICATION = "classification"
-REGRESSION = "regression"
-CAUSAL_LM = "causal-lm"  # x: token ids, y: the same ids with -100 at padding (datasets.text)
 
 # Per-channel (mean, std) of the [0, 1]-scaled training images, the usual published constants.
 # ``digits`` is computed over all 1,797 images of scikit-learn's copy (values / 16).
@@ -69,208 +74,6 @@ _NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 
 # Number of classes of the FedProx Synthetic(alpha, beta) data set.
 _SYNTHETIC_CLASSES = 10
-
-
-@dataclass(frozen=True, eq=False)
-class TensorData:
-    """An in-memory labelled data set.
-
-    Equality and hashing are by identity (``eq=False``): comparing tensors element-wise is neither
-    cheap nor a boolean, and identity hashing lets instances key caches.
-
-    Attributes:
-        x: ``float32`` features, ``N x ...`` (images ``N x C x H x W``, tabular ``N x F``).
-        y: ``int64`` class labels of shape ``(N,)`` for classification; ``float32`` targets of shape
-            ``(N,)`` or ``(N, k)`` for regression.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"x and y must have the same number of examples, got {self.x.shape[0]} and {self.y.shape[0]}"
-            )
-
-    def __len__(self) -> int:
-        """Return the number of examples."""
-        return int(self.x.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class Source:
-    """A whole data set: train and test splits plus the metadata a model needs.
-
-    Equality and hashing are by identity (see :class:`TensorData`).
-
-    Attributes:
-        name: The registry name the source was loaded under, e.g. ``"digits"``.
-        task: ``"classification"`` or ``"regression"``.
-        num_classes: Number of classes for classification; ``None`` for regression.
-        input_shape: Shape of one example of ``x``, e.g. ``(1, 8, 8)`` or ``(64,)``.
-        train: Training data, to be partitioned among clients.
-        test: Held-out data for centralized evaluation.
-        natural_partitions: For sources that come pre-split among devices (``synthetic``), one
-            ``int64`` index array into ``train`` per device; ``None`` otherwise.
-        target_dim: Output size for regression (``y`` is ``(N, target_dim)``); ``None`` for
-            classification.
-    """
-
-    name: str
-    task: str
-    num_classes: int | None
-    input_shape: tuple[int, ...]
-    train: TensorData
-    test: TensorData
-    natural_partitions: tuple[np.ndarray, ...] | None = None
-    target_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.task not in (CLASSIFICATION, REGRESSION, CAUSAL_LM):
-            raise ValueError(f"task must be '{CLASSIFICATION}', '{REGRESSION}' or '{CAUSAL_LM}', got '{self.task}'")
-        if self.task == CLASSIFICATION and (self.num_classes is None or self.num_classes < 1):
-            raise ValueError("a classification source needs num_classes >= 1")
-        if self.task in (REGRESSION, CAUSAL_LM) and self.num_classes is not None:
-            raise ValueError(f"a {self.task} source must have num_classes=None")
-
-
-@dataclass(frozen=True)
-class SourceOptions:
-    """Options shared by all sources; each source reads the fields it needs and ignores the rest.
-
-    Attributes:
-        root: Data directory for the torchvision data sets; ``""`` means :func:`default_data_root`.
-        download: torchvision data sets: download when the files are missing. When false and the
-            files are missing, loading raises :class:`FileNotFoundError`.
-        path: The CSV file (``csv``) or image directory (``image-folder``).
-        label_column: Name of the CSV column holding the class label.
-        test_fraction: Fraction of examples held out as the test split for sources without an
-            official test split (``digits``, ``csv``, ``image-folder``, ``linear``, ``synthetic``).
-            The split is seeded and stratified by class where every class has two examples or more.
-        seed: Seed of every random draw a source makes (splits, synthetic data).
-        num_samples: Total number of examples of the synthetic sources (train + test).
-        num_features: Number of features of ``linear``; dimension of ``synthetic`` (60 in FedProx).
-        noise_std: Standard deviation of the Gaussian noise added to ``linear`` targets.
-        synthetic_alpha: ``alpha`` of Synthetic(alpha, beta): how much local models differ.
-        synthetic_beta: ``beta`` of Synthetic(alpha, beta): how much local feature means differ.
-        num_partitions: Number of devices generated by ``synthetic`` (one natural partition each).
-        image_size: ``image-folder`` images are resized to ``image_size x image_size``.
-        class_names: ``csv``, ``image-folder``: comma-separated class names; label ``name`` (a CSV
-            value, or a folder name) gets the index of ``name`` in this list, and ``num_classes`` is
-            its length. Set it when data owners hold separate files: without it each file's own
-            sorted distinct labels define the classes, and a file missing a class would disagree
-            with the others about what each index means.
-        text_column: ``text``, ``text-lm``: column (csv, tsv, jsonl) holding the text.
-        tokenizer: ``text``, ``text-lm``: the model directory or hub id whose tokenizer encodes the text.
-        max_length: ``text``, ``text-lm``: tokens per example (longer texts are cut, shorter ones padded).
-    """
-
-    root: str = ""
-    download: bool = False
-    path: str = ""
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    seed: int = 0
-    num_samples: int = 2000
-    num_features: int = 10
-    noise_std: float = 0.1
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    num_partitions: int = 10
-    image_size: int = 32
-    class_names: str = ""
-    text_column: str = "text"
-    tokenizer: str = ""
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {self.num_features}")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
-        if self.synthetic_alpha < 0:
-            raise ValueError(f"synthetic_alpha must be >= 0, got {self.synthetic_alpha}")
-        if self.synthetic_beta < 0:
-            raise ValueError(f"synthetic_beta must be >= 0, got {self.synthetic_beta}")
-        if self.num_partitions < 1:
-            raise ValueError(f"num_partitions must be >= 1, got {self.num_partitions}")
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
-
-
-def default_data_root() -> str:
-    """Return the directory used when ``SourceOptions.root`` is empty: ``~/.cache/flower_app/data``."""
-    return str(Path.home() / ".cache" / "flower_app" / "data")
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Normalize ``N x C x H x W`` images per channel: ``(x - mean[c]) / std[c]``."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
-
-
-def _allocate(quota: np.ndarray, total: int, upper: np.ndarray) -> np.ndarray:
-    """Round real ``quota`` to integers in ``[1, upper]`` that sum to ``total`` (largest remainder).
-
-    The caller guarantees ``len(quota) <= total <= upper.sum()``.
-    """
-    alloc: np.ndarray = np.clip(np.floor(quota).astype(np.int64), 1, upper)
-    while alloc.sum() < total:
-        gap = np.where(alloc < upper, quota - alloc, -np.inf)
-        alloc[int(np.argmax(gap))] += 1
-    while alloc.sum() > total:
-        gap = np.where(alloc > 1, quota - alloc, np.inf)
-        alloc[int(np.argmin(gap))] -= 1
-    return alloc
-
-
-def _split_indices(
-    num_examples: int, labels: np.ndarray | None, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(num_examples)`` into sorted train and test index arrays.
-
-    The test split has ``round(test_fraction * num_examples)`` examples, clipped so that both splits
-    are non-empty when ``num_examples >= 2``. When ``labels`` are given and every class has at least
-    two examples, the split is stratified: each class contributes its share (largest-remainder
-    rounding), with at least one example of each class on each side when the test split is large
-    enough to hold every class.
-    """
-    if num_examples < 2:
-        raise ValueError(f"need at least 2 examples to make a train/test split, got {num_examples}")
-    rng = np.random.default_rng(seed)
-    num_test = min(max(round(test_fraction * num_examples), 1), num_examples - 1)
-    if labels is not None:
-        classes, counts = np.unique(labels, return_counts=True)
-        if counts.min() >= 2 and len(classes) <= num_test <= num_examples - len(classes):
-            per_class = _allocate(counts * (num_test / num_examples), num_test, counts - 1)
-            test_parts = []
-            for c, k in zip(classes, per_class, strict=True):
-                members = np.flatnonzero(labels == c)
-                test_parts.append(rng.permutation(members)[:k])
-            test = np.sort(np.concatenate(test_parts))
-            train = np.setdiff1d(np.arange(num_examples), test)
-            return train.astype(np.int64), test.astype(np.int64)
-        logger.debug("test split not stratified: a class has fewer than 2 examples or too few test slots")
-    perm = rng.permutation(num_examples)
-    return np.sort(perm[num_test:]).astype(np.int64), np.sort(perm[:num_test]).astype(np.int64)
-
-
-def _take(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> TensorData:
-    """Return the examples ``idx`` of ``(x, y)`` as a new :class:`TensorData`."""
-    index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-    return TensorData(x=x[index].contiguous(), y=y[index].contiguous())
-
 
 def _resolve_root(options: SourceOptions) -> str:
     return os.path.expanduser(options.root) if options.root else default_data_root()
@@ -291,16 +94,16 @@ def load_digits_source(options: SourceOptions) -> Source:
 
     features, labels = load_digits(return_X_y=True)
     x = torch.from_numpy((features / 16.0).astype(np.float32)).view(-1, 1, 8, 8)
-    x = _normalize(x, *_NORMALIZATION["digits"])
+    x = normalize_images(x, *_NORMALIZATION["digits"])
     y = torch.from_numpy(labels.astype(np.int64))
-    train_idx, test_idx = _split_indices(len(y), labels, options.test_fraction, options.seed)
+    train_idx, test_idx = split_indices(len(y), labels, options.test_fraction, options.seed)
     return Source(
         name="digits",
         task=CLASSIFICATION,
         num_classes=10,
         input_shape=(1, 8, 8),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
     )
 
 
@@ -328,9 +131,11 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         ds = _torchvision_split(cls, name, options, train)
         # ``.data`` is uint8 N x H x W; read it whole instead of iterating PIL images.
         x = ds.data.to(torch.float32).div_(255.0).unsqueeze(1)
-        x = _normalize(x, *_NORMALIZATION[name])
+        x = normalize_images(x, *_NORMALIZATION[name])
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
+        # MNIST's own names are "0 - zero", ...: its labels are the digits, "0".."9" (the default).
+        class_names = tuple(ds.classes) if name == "fashion-mnist" else None
     train_data, test_data = splits
     logger.info("loaded %s: %d train, %d test examples", name, len(train_data), len(test_data))
     return Source(
@@ -340,6 +145,7 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         input_shape=tuple(train_data.x.shape[1:]),
         train=train_data,
         test=test_data,
+        class_names=class_names,
     )
 
 
@@ -374,9 +180,10 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         ds = _torchvision_split(tvd.CIFAR10, "cifar10", options, train)
         # ``.data`` is a uint8 N x H x W x C array; convert to N x C x H x W in one go.
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        x = _normalize(x, *_NORMALIZATION["cifar10"])
+        x = normalize_images(x, *_NORMALIZATION["cifar10"])
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
+        class_names = tuple(str(c) for c in ds.classes)  # "airplane", ..., from batches.meta
     train_data, test_data = splits
     logger.info("loaded cifar10: %d train, %d test examples", len(train_data), len(test_data))
     return Source(
@@ -386,67 +193,171 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         input_shape=tuple(train_data.x.shape[1:]),
         train=train_data,
         test=test_data,
+        class_names=class_names,
     )
 
 
-def _codes_from_names(values: np.ndarray, class_names: str, what: str) -> tuple[list[str], np.ndarray]:
-    """Map label values to their index in the comma-separated ``class_names``."""
-    names = [n.strip() for n in class_names.split(",")]
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"class_names must be distinct, non-empty comma-separated names, got '{class_names}'")
-    index = {n: i for i, n in enumerate(names)}
-    as_text = np.asarray(values).astype(str)
-    unknown = sorted(set(as_text.tolist()) - set(index))
-    if unknown:
-        raise ValueError(f"{what} holds labels not in class_names ({', '.join(names)}): {', '.join(unknown[:10])}")
-    return names, np.array([index[v] for v in as_text.tolist()], dtype=np.int64)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _existing_path(options: SourceOptions, what: str, hint: str) -> Path:
+    """``options.path`` expanded; FileNotFoundError naming it when nothing is there (a broken link included)."""
+    if not options.path:
+        raise FileNotFoundError(f"{what} not found: '' ({hint})")
+    path = Path(os.path.expanduser(options.path))
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: '{options.path}' ({hint})")
+    return path
+
+
+def _feature_column(table: Table, name: str) -> np.ndarray:
+    """The cells of feature column ``name`` as finite float64 values within the float32 range.
+
+    Raises:
+        DataFileError: At the first cell that is missing, not a number, not finite, or beyond float32.
+    """
+    cells = table.column(name)
+    try:
+        values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+    except ValueError:
+        values = None
+    if values is not None and bool(np.all(np.abs(values) <= _FLOAT32_MAX)):  # False for NaN and inf
+        return values
+    for cell, line in zip(cells, table.lines, strict=True):
+        text = cell.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            if text in MISSING_MARKERS:
+                problem = f"feature column '{name}' has missing values ({'an empty cell' if not text else repr(text)})"
+            else:
+                problem = f"feature column '{name}' is not numeric: {text!r}"
+            raise DataFileError(table.path, problem, line=line, column=name) from None
+        if not np.isfinite(value):
+            problem = f"feature column '{name}' holds the non-finite value {text!r}; features must be finite numbers"
+            raise DataFileError(table.path, problem, line=line, column=name)
+        if abs(value) > _FLOAT32_MAX:
+            problem = f"feature column '{name}' holds {text!r}, beyond the float32 range (largest {_FLOAT32_MAX:.4g})"
+            raise DataFileError(table.path, problem, line=line, column=name)
+    raise AssertionError("unreachable: a column failed the vectorized check but no cell did")
+
+
+def _label_column(table: Table, name: str) -> list[str]:
+    """The class name of each row's label (:func:`datasets.labels.label_name`)."""
+    names = []
+    for cell, line in zip(table.column(name), table.lines, strict=True):
+        try:
+            label = label_name(cell)
+        except ValueError as err:
+            raise DataFileError(table.path, f"label column '{name}': {err}", line=line, column=name) from None
+        if label is None:
+            raise DataFileError(table.path, f"label column '{name}' has missing values", line=line, column=name)
+        names.append(label)
+    return names
+
+
+def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, list[str]] | None:
+    """Feature names, features and label names of a clean CSV, read with pandas' C parser; else None.
+
+    The fast path for the common case (several times faster than the exact reader on large files, and
+    the parser the first version used). It accepts a file only when the header has distinct names,
+    every feature is an int or float column of finite values within float32, and every label parses.
+    Anything unusual returns None, and the exact reader (:func:`datasets.files.parse_table` and the
+    cell checks) reads the file again and names the first bad cell.
+
+    Where pandas could read another table than the exact reader: a first data row longer than the
+    header (pandas takes its first field for an index and shifts every value, or drops the extra
+    field) is checked here with the csv module; a later longer row is a pandas error; a shorter row
+    leaves NaN, which the checks refuse.
+    """
+    first: list[list[str]] = []
+    try:
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if not is_blank_row(row):
+                first.append(row)
+                if len(first) == 2:
+                    break
+    except csv.Error:
+        return None
+    if len(first) < 2 or len(first[1]) != len(first[0]):
+        return None
+    header = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(first[0])]
+    if len(set(header)) != len(header) or label_column not in header:
+        return None
+    try:
+        # From bytes: pandas' C parser decodes faster than it reads a Python string.
+        frame = pd.read_csv(io.BytesIO(text.encode("utf-8")), index_col=False, on_bad_lines="error")
+    except Exception:  # noqa: BLE001 - any doubt goes to the exact reader, which explains it
+        return None
+    if frame.shape[1] != len(header) or len(frame) < 1:
+        return None
+    frame.columns = pd.Index(header)
+    feature_columns = [c for c in header if c != label_column]
+    if not feature_columns or not all(frame[c].dtype.kind in "iuf" for c in feature_columns):  # bool is kind "b"
+        return None
+    features = frame[feature_columns].to_numpy(dtype=np.float64)
+    if not bool(np.all(np.abs(features) <= _FLOAT32_MAX)):  # False for NaN (a missing cell) and inf
+        return None
+    labels = frame[label_column]
+    if labels.dtype.kind == "b" or bool(labels.isna().any()):
+        return None
+    values = labels.to_numpy() if labels.dtype.kind in "iu" else labels.to_numpy(dtype=object).astype(str)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    try:
+        names = [label_name(v) for v in distinct.tolist()]
+    except ValueError:
+        return None
+    if any(n is None for n in names):
+        return None
+    return feature_columns, features, [str(names[i]) for i in inverse.reshape(-1)]
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, list[str], Callable[[int], int]]:
+    """Feature names, features (float64), label names, and a map from row to file line (for messages)."""
+    text = decode_text(read_bytes(path), path)
+    clean = _clean_csv(text, label_column)
+    if clean is not None:
+        # Only a message about a label (outside class_names) needs a line: the exact reader finds it then.
+        return (*clean, lambda i: parse_table(text, path).lines[i])
+    table = parse_table(text, path)
+    if label_column not in table.header:
+        raise DataFileError(
+            path, f"label column '{label_column}' not in the header; available columns: " + ", ".join(table.header)
+        )
+    feature_columns = [c for c in table.header if c != label_column]
+    if not feature_columns:
+        raise DataFileError(path, f"no feature column besides the label column '{label_column}'")
+    features = np.stack([_feature_column(table, c) for c in feature_columns], axis=1)
+    return feature_columns, features, _label_column(table, label_column), table.lines.__getitem__
 
 
 def load_csv_source(options: SourceOptions) -> Source:
     """Load a tabular classification data set from the CSV file ``options.path``.
 
-    The column ``options.label_column`` holds the class label (integers or strings); labels are
-    mapped to the codes of their sorted distinct values, so ``num_classes`` is the number of distinct
-    labels. Every other column is a numeric feature. Features are standardized with the mean and std
-    of the train split (a constant column is only centred).
+    The file is UTF-8 with a header row (:func:`datasets.files.read_table`). The column
+    ``options.label_column`` holds the class label (integers or names, :mod:`datasets.labels`); labels
+    are mapped to the index of their sorted distinct values (by value when all are integers), or to
+    their place in ``options.class_names``. Every other column is a numeric feature: finite and within
+    the float32 range. Features are standardized with the mean and std of the train split (a constant
+    column is only centred).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the label column is missing (the message lists the columns), a feature
-            column is not numeric or has missing values, a label is missing, or there is no feature.
+        DataFileError: (a ValueError) naming the file, and the line where one is to blame: the file is
+            not a regular file, empty, header-only, not UTF-8, ragged; the label column is missing (the
+            message lists the columns); a feature is missing, not numeric, not finite or beyond
+            float32; a label is missing or a non-integer number; a label is outside ``class_names``;
+            without ``class_names``, the file holds a single class.
+        OSError: If the file cannot be read.
     """
-    path = Path(os.path.expanduser(options.path)) if options.path else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"CSV file not found: '{options.path}' (set path to an existing file)")
-    frame = pd.read_csv(path)
-    if options.label_column not in frame.columns:
-        raise ValueError(
-            f"label column '{options.label_column}' not in {path}; available columns: "
-            + ", ".join(str(c) for c in frame.columns)
-        )
-    feature_columns = [c for c in frame.columns if c != options.label_column]
-    if not feature_columns:
-        raise ValueError(f"{path} has no feature column besides the label column '{options.label_column}'")
-    for column in feature_columns:
-        if not pd.api.types.is_numeric_dtype(frame[column]):
-            raise ValueError(f"feature column '{column}' of {path} is not numeric (dtype {frame[column].dtype})")
-        if frame[column].isna().any():
-            raise ValueError(f"feature column '{column}' of {path} has missing values")
-    label_series = frame[options.label_column]
-    if label_series.isna().any():
-        raise ValueError(f"label column '{options.label_column}' of {path} has missing values")
-    label_values = label_series.to_numpy()
-    if not pd.api.types.is_numeric_dtype(label_series):
-        label_values = label_values.astype(str)
-    if options.class_names:
-        classes, codes = _codes_from_names(label_values, options.class_names, f"label column '{options.label_column}' of {path}")
-    else:
-        classes, codes = np.unique(label_values, return_inverse=True)
-    codes = codes.astype(np.int64).reshape(-1)
+    path = _existing_path(options, "CSV file", "set path to an existing file")
+    feature_columns, features, names, line_of = _read_csv(path, options.label_column)
+    classes, codes = encode_labels(
+        names, options.class_names, where=str(path), example_at=lambda i: f"line {line_of(i)}"
+    )
     logger.debug("csv %s: label classes %s -> codes 0..%d", path, list(classes), len(classes) - 1)
 
-    features = frame[feature_columns].to_numpy(dtype=np.float64)
-    train_idx, test_idx = _split_indices(len(codes), codes, options.test_fraction, options.seed)
+    train_idx, test_idx = split_indices(len(codes), codes, options.test_fraction, options.seed)
     mean = features[train_idx].mean(axis=0)
     std = features[train_idx].std(axis=0)
     std[std == 0] = 1.0
@@ -457,60 +368,87 @@ def load_csv_source(options: SourceOptions) -> Source:
         task=CLASSIFICATION,
         num_classes=len(classes),
         input_shape=(len(feature_columns),),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
+        class_names=classes,
     )
+
+
+def _decode_image(path: Path, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """One image file as a ``3 x H x W`` tensor in ``[0, 1]`` (converted to RGB, then ``transform``)."""
+    from PIL import Image
+
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return transform(image.convert("RGB"))
+    except Exception as err:  # hostile bytes: PIL's decoders raise many types (OSError, SyntaxError, ...)
+        raise DataFileError(path, f"cannot be read as an image ({type(err).__name__}: {err})") from err
 
 
 def load_image_folder_source(options: SourceOptions) -> Source:
     """Load an image classification data set from the directory ``options.path``.
 
     The layout is torchvision's :class:`~torchvision.datasets.ImageFolder`: one sub-folder per class
-    (classes are the sorted folder names). Images are converted to RGB, resized to
-    ``options.image_size`` squared, scaled to ``[0, 1]`` and normalized per channel with the mean and
-    std of the train split.
+    (classes are the sorted folder names, or their place in ``options.class_names``), image files
+    anywhere below it (:func:`datasets.files.scan_image_folder`). Special files with an image name
+    (FIFO, socket, device, broken link) and hidden entries are skipped with a warning; they are never
+    opened. Images are converted to RGB, resized to ``options.image_size`` squared, scaled to
+    ``[0, 1]`` and normalized per channel with the mean and std of the train split.
 
     Raises:
-        FileNotFoundError: If the directory does not exist or holds no class folder with images.
+        FileNotFoundError: If the directory does not exist, holds no class folder with images, or
+            (without ``class_names``) a class folder holds no image.
+        DataFileError: (a ValueError) naming the file: an image that cannot be decoded; a class
+            folder outside ``class_names``; without ``class_names``, a single class folder.
+        OSError: If a file cannot be read (permission), naming it.
     """
-    import torchvision.datasets as tvd
     import torchvision.transforms as tvt
 
-    root = Path(os.path.expanduser(options.path)) if options.path else None
-    if root is None or not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: '{options.path}' (set path to a directory of class folders)")
+    root = _existing_path(options, "image folder", "set path to a directory of class folders")
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{options.path}' is not a directory of class folders")
+    scan = scan_image_folder(root)
+    if scan.skipped:
+        logger.warning(
+            "image folder %s: skipped %d entries: %s", root, len(scan.skipped),
+            "; ".join(f"{p} ({why})" for p, why in scan.skipped[:10]),
+        )
+    if not scan.images:
+        raise FileNotFoundError(
+            f"image folder '{root}' holds no class sub-folder with images (class folders: "
+            f"{', '.join(scan.classes) or 'none'}; image files end in {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    empty = sorted(set(scan.classes) - {c for _, c in scan.images})
+    if empty and not options.class_names:
+        raise FileNotFoundError(
+            f"image folder '{root}': class folder(s) {', '.join(empty)} hold no image (image files end in "
+            f"{', '.join(IMAGE_EXTENSIONS)}); remove them, or set class-names to list every class"
+        )
     size = options.image_size
     transform = tvt.Compose([tvt.Resize((size, size)), tvt.ToTensor()])
-    try:
-        folder = tvd.ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"image folder '{root}' holds no class sub-folder with images ({err})") from err
-    if len(folder) == 0:
-        raise FileNotFoundError(f"image folder '{root}' holds no images")
     # Images must be decoded one by one here; there is no array to read whole.
-    images = [folder[i][0] for i in range(len(folder))]
-    x = torch.stack(images).to(torch.float32)
-    labels = np.asarray(folder.targets, dtype=np.int64)
-    num_classes = len(folder.classes)
-    if options.class_names:
-        folder_names = np.asarray(folder.classes, dtype=str)[labels]
-        classes, labels = _codes_from_names(folder_names, options.class_names, f"class folders of {root}")
-        labels = labels.astype(np.int64)
-        num_classes = len(classes)
-    train_idx, test_idx = _split_indices(len(labels), labels, options.test_fraction, options.seed)
+    x = torch.stack([_decode_image(path, transform) for path, _ in scan.images]).to(torch.float32)
+    folder_of = [c for _, c in scan.images]
+    classes, labels = encode_labels(
+        folder_of, options.class_names, where=str(root), numeric_order=False,
+        example_at=lambda i: str(scan.images[i][0]),
+    )
+    train_idx, test_idx = split_indices(len(labels), labels, options.test_fraction, options.seed)
     index = torch.from_numpy(train_idx)
     mean = x[index].mean(dim=(0, 2, 3))
     std = x[index].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
-    x = _normalize(x, tuple(mean.tolist()), tuple(std.tolist()))
+    x = normalize_images(x, tuple(mean.tolist()), tuple(std.tolist()))
     y = torch.from_numpy(labels)
-    logger.info("loaded image folder %s: %d images, %d classes", root, len(labels), num_classes)
+    logger.info("loaded image folder %s: %d images, %d classes", root, len(labels), len(classes))
     return Source(
         name="image-folder",
         task=CLASSIFICATION,
-        num_classes=num_classes,
+        num_classes=len(classes),
         input_shape=tuple(x.shape[1:]),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
+        class_names=classes,
     )
 
 
@@ -540,14 +478,14 @@ def load_linear_source(options: SourceOptions) -> Source:
     targets = features @ weights + bias + options.noise_std * rng.standard_normal(options.num_samples)
     x = torch.from_numpy(features.astype(np.float32))
     y = torch.from_numpy(targets.astype(np.float32)).view(-1, 1)
-    train_idx, test_idx = _split_indices(options.num_samples, None, options.test_fraction, options.seed)
+    train_idx, test_idx = split_indices(options.num_samples, None, options.test_fraction, options.seed)
     return Source(
         name="linear",
         task=REGRESSION,
         num_classes=None,
         input_shape=(options.num_features,),
-        train=_take(x, y, train_idx),
-        test=_take(x, y, test_idx),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
         target_dim=1,
     )
 
@@ -645,40 +583,3 @@ def load_synthetic_source(options: SourceOptions) -> Source:
         test=as_data(test_x, test_y),
         natural_partitions=tuple(partitions),
     )
-
-
-SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
-    "cifar10": load_cifar10_source,
-    "csv": load_csv_source,
-    "digits": load_digits_source,
-    "fashion-mnist": load_fashion_mnist_source,
-    "image-folder": load_image_folder_source,
-    "linear": load_linear_source,
-    "mnist": load_mnist_source,
-    "synthetic": load_synthetic_source,
-    "text": lambda options: _text_module().load_text_source(options),
-    "text-lm": lambda options: _text_module().load_text_lm_source(options),
-}
-"""Registry of sources by name; :func:`load_source` is the entry point."""
-
-
-def _text_module() -> Any:
-    # datasets.text imports this module; importing it lazily avoids the cycle (and transformers).
-    from . import text
-
-    return text
-
-
-def load_source(name: str, options: SourceOptions) -> Source:
-    """Load the source registered as ``name`` with ``options``.
-
-    Raises:
-        ValueError: If ``name`` is not a key of :data:`SOURCES` (the message lists the valid names).
-    """
-    try:
-        loader = SOURCES[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset '{name}'; choose one of: {', '.join(sorted(SOURCES))}") from None
-    source = loader(options)
-    logger.debug("source %s: %d train / %d test examples", name, len(source.train), len(source.test))
-    return source

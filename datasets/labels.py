@@ -1,0 +1,249 @@
+"""Class labels: from the cells of a file to class indices, and whether two data owners agree on them.
+
+A classification source maps each label to an index. Without an agreed list each file's own sorted
+distinct labels define the indices, so two data owners whose label sets differ would map different
+labels to the same index and train one model on contradicting targets. Every classification
+:class:`~datasets.core.Source` therefore reports ``class_names`` (the label of each index, as text),
+and :func:`compare_class_names` / :func:`check_class_names` say whether a node's labels fit an agreed
+list: the ``class-names`` run-config key, or the class names of the server's source.
+
+Labels, as every loader reads them (:func:`label_name`):
+
+* surrounding spaces are dropped; an empty cell or a missing-value marker (``NA``, ``nan``, ``null``,
+  ... :data:`MISSING_MARKERS`) is a missing label, and refused;
+* an integer is a class by its value (``7``, ``07``, ``7.0`` and JSON ``7`` are the class ``"7"``);
+  a number that is not an integer (``1.5``, ``inf``, ``1e400``) is refused: it is a regression target
+  or a broken file, not a class;
+* anything else is a class name, compared as text.
+
+A single class (decided for federated use):
+
+* a data owner may hold only some of the classes, a single one included, when ``class-names`` lists
+  them all: it is accepted and logged;
+* without ``class-names`` a file holding a single class is refused: its one class would get index 0
+  and a one-output model, which disagrees with every other owner and learns nothing;
+* a ``class-names`` list of fewer than two names is refused (:func:`parse_class_names`), and so is a
+  server held-out set holding fewer than two classes (:func:`check_held_out`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .core import CLASSIFICATION, DataFileError, Source
+
+__all__ = [
+    "MISSING_MARKERS",
+    "LabelMismatch",
+    "check_class_names",
+    "check_held_out",
+    "compare_class_names",
+    "encode_labels",
+    "label_name",
+    "parse_class_names",
+    "present_class_names",
+]
+
+logger = logging.getLogger(__name__)
+
+MISSING_MARKERS = frozenset(
+    {
+        "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+        "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+    }
+)
+"""Cell values that mean "no value" (pandas' default list): a label or feature holding one is missing."""
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """The agreed class names of the comma-separated ``text`` (the ``class-names`` run-config key).
+
+    Raises:
+        ValueError: If a name is empty or repeated, or there are fewer than two names.
+    """
+    names = tuple(n.strip() for n in text.split(","))
+    if "" in names or len(set(names)) != len(names):
+        raise ValueError(f"class_names must be distinct, non-empty comma-separated names, got '{text}'")
+    if len(names) < 2:
+        raise ValueError(f"class_names lists a single class ('{text}'); a classifier needs two or more")
+    return names
+
+
+def label_name(value: object) -> str | None:
+    """The class name of one label value (a cell's text, or a JSON value); ``None`` when it is missing.
+
+    Raises:
+        ValueError: If ``value`` is a number that is not an integer, a boolean, or not text or a number.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        # A data error, so a ValueError like every other (callers catch ValueError and OSError).
+        raise ValueError(f"a label is a name or an integer, got {type(value).__name__} {value!r}")  # noqa: TRY004
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text in MISSING_MARKERS:
+            return None
+        try:
+            return str(int(text))
+        except ValueError:
+            pass
+        try:
+            value = float(text)
+        except ValueError:
+            return text
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(f"label {value!r} is a number but not an integer; labels are integers or names")
+    return str(int(value))
+
+
+def encode_labels(
+    names: Sequence[str],
+    class_names: str,
+    *,
+    where: str,
+    example_at: Callable[[int], str] | None = None,
+    numeric_order: bool = True,
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """The classes and the ``int64`` class index of each label name.
+
+    With ``class_names`` (the agreed comma-separated list) a label's index is its place in that list.
+    Without it the classes are the sorted distinct names, by value when every name is an integer and
+    ``numeric_order`` (CSV and text labels; folder names sort as text, as in torchvision).
+
+    Args:
+        names: Label names from :func:`label_name` (or folder names).
+        class_names: The agreed list, or ``""``.
+        where: The file(s) the labels come from, for messages.
+        example_at: Where example ``i`` is (``"a.csv, line 7"``), to point at the first unknown label.
+        numeric_order: Sort integer names by value.
+
+    Raises:
+        DataFileError: If a label is not in ``class_names`` (the message names the labels and where
+            the first one is), or, without ``class_names``, the data hold a single class.
+        ValueError: If ``class_names`` is malformed (:func:`parse_class_names`).
+    """
+    distinct = set(names)
+    if class_names:
+        agreed = parse_class_names(class_names)
+        mismatch = compare_class_names(sorted(distinct), agreed)
+        if mismatch.extra:
+            first = next(i for i, n in enumerate(names) if n in set(mismatch.extra))
+            at = f" (first: '{names[first]}' at {example_at(first)})" if example_at is not None else ""
+            raise DataFileError(
+                where, f"labels not in class_names ({', '.join(agreed)}): {', '.join(mismatch.extra[:10])}{at}"
+            )
+        if mismatch.missing:
+            logger.info("%s holds %d of the %d classes (none of: %s)", where, len(distinct), len(agreed), ", ".join(mismatch.missing))
+        classes = agreed
+    else:
+        if numeric_order and all(_is_integer(n) for n in distinct):
+            classes = tuple(sorted(distinct, key=int))
+        else:
+            classes = tuple(sorted(distinct))
+        if len(classes) < 2:
+            raise DataFileError(
+                where,
+                f"holds a single class ({', '.join(repr(c) for c in classes) or 'none'}); a classifier needs two or "
+                "more. A data owner that holds only some of the classes sets class-names to the full list",
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, np.fromiter((index[n] for n in names), dtype=np.int64, count=len(names))
+
+
+def _is_integer(name: str) -> bool:
+    try:
+        return str(int(name)) == name
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class LabelMismatch:
+    """How a node's class names differ from the agreed ones.
+
+    Attributes:
+        extra: The node's labels that the agreed list lacks (sorted): always a disagreement.
+        missing: Agreed labels the node does not have (in agreed order): fine for a node that holds
+            some classes only under an agreed list, a disagreement when indices come from each file.
+        reordered: Same labels, different order: the same index means different labels.
+    """
+
+    extra: tuple[str, ...]
+    missing: tuple[str, ...]
+    reordered: bool
+
+    @property
+    def agrees(self) -> bool:
+        """Whether the node maps every label to the agreed index (no extra, missing or reordered label)."""
+        return not (self.extra or self.missing or self.reordered)
+
+
+def compare_class_names(found: Sequence[str], agreed: Sequence[str]) -> LabelMismatch:
+    """Compare a node's class names (in index order, or the labels it holds) with the agreed list. Pure."""
+    found_set, agreed_set = set(found), set(agreed)
+    return LabelMismatch(
+        extra=tuple(sorted(found_set - agreed_set)),
+        missing=tuple(n for n in agreed if n not in found_set),
+        reordered=found_set == agreed_set and list(found) != list(agreed),
+    )
+
+
+def check_class_names(
+    found: Sequence[str], agreed: Sequence[str], *, where: str, allow_missing: bool = False
+) -> LabelMismatch:
+    """Refuse a node whose class names disagree with the agreed list; return the (harmless) mismatch.
+
+    Use ``allow_missing=True`` when labels are mapped through an agreed ``class-names`` list (then
+    ``found`` is the labels the node holds, and holding some only is fine), ``False`` when each node's
+    indices come from its own file (then ``found`` is its ``Source.class_names`` and must equal the
+    server's exactly).
+
+    Raises:
+        ValueError: Naming the node (``where``), its extra labels, and, unless ``allow_missing``, the
+            labels it lacks or the reordering.
+    """
+    mismatch = compare_class_names(found, agreed)
+    problems = []
+    if mismatch.extra:
+        problems.append(f"labels not in class_names ({', '.join(agreed)}): {', '.join(mismatch.extra[:10])}")
+    if not allow_missing and mismatch.missing:
+        problems.append(f"lacks the labels {', '.join(mismatch.missing[:10])} of ({', '.join(agreed)})")
+    if not allow_missing and mismatch.reordered:
+        problems.append(f"orders its labels as ({', '.join(found)}), not ({', '.join(agreed)})")
+    if problems:
+        hint = "" if allow_missing else "; set class-names to the full list so every data owner maps a label to the same index"
+        raise ValueError(f"{where}: " + "; ".join(problems) + hint)
+    return mismatch
+
+
+def present_class_names(source: Source) -> tuple[str, ...]:
+    """The class names of the labels that ``source`` holds (train and test), in index order."""
+    if source.task != CLASSIFICATION or source.class_names is None:
+        return ()
+    held = np.union1d(np.unique(source.train.y.numpy()), np.unique(source.test.y.numpy()))
+    return tuple(source.class_names[int(i)] for i in held)
+
+
+def check_held_out(source: Source) -> None:
+    """Refuse a classification source whose test split (the server's held-out set) holds fewer than two classes.
+
+    Raises:
+        ValueError: Naming the source and the one class it holds.
+    """
+    if source.task != CLASSIFICATION or source.class_names is None:
+        return
+    held = np.unique(source.test.y.numpy())
+    if held.size < 2:
+        names = ", ".join(repr(source.class_names[int(i)]) for i in held) or "none"
+        raise ValueError(
+            f"the held-out set of source '{source.name}' holds {held.size} class(es) ({names}); centralized "
+            "accuracy needs two or more: give the server a held-out file with every class"
+        )
