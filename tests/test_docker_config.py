@@ -29,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10; Flower depends on tomli
 
 from deploy.make_certs import generate
 from deploy.requirements import distribution, requirements, select
-from tests.deploy_utils import (
+from deploy.local import (
     DOCKERFILE,
     ROOT,
     dockerfile_entrypoint,
