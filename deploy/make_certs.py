@@ -102,7 +102,7 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
 
