@@ -246,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be >= 1 and --supernodes >= 2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("make_certs").setLevel(logging.WARNING)
+    logging.getLogger("prepare_host").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
     rounds, phases, summary = [], [], []
