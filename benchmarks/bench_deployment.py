@@ -13,8 +13,10 @@ Settings, each the default run config (pyproject.toml) with ``num-server-rounds`
     README's one-machine deployment: ``flower-superlink --insecure`` and ``flower-supernode``s
     (subprocess isolation: each SuperNode starts its executor).
 ``secure``
-    the commands of compose.yaml: TLS on every connection, SuperNode authentication, the
-    SuperLink state in a database, executors started separately (``--isolation process``).
+    the commands of compose.yaml: nginx in front of the SuperLink (the SuperNodes through the Fleet
+    listener, ``flwr run`` through the operator's), TLS on every connection, SuperNode and executor
+    authentication, the SuperLink state in a database, executors started separately
+    (``--isolation process``).
 ``secure-poll-0.1``
     ``secure`` with the executors polling for work every 0.1 s instead of 1 s
     (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), the one polling interval Flower lets us set.
@@ -51,19 +53,16 @@ from typing import Any
 
 import pandas as pd
 
-from deploy.make_certs import generate
-from tests.deploy_utils import (
+from deploy.local import (
+    OPERATOR,
     ROOT,
     Cluster,
     Process,
-    clone_service,
     cluster,
-    compose_commands,
     free_port,
-    load_compose,
-    register_supernode,
     run_app,
     run_config_string,
+    start_compose_deployment,
     write_connection,
 )
 
@@ -96,35 +95,8 @@ def _insecure(group: Cluster, nodes: int, config: dict[str, Any]) -> Process:
 
 
 def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path) -> Process:
-    names = [f"supernode-{i}" for i in range(1, nodes + 1)]
-    certs = work / "certs"
-    generate(certs, ["superlink"], names)
-    compose = load_compose()
-    for i in range(3, nodes + 1):
-        renames = {"supernode-2": f"supernode-{i}", "SUPERNODE_2": f"SUPERNODE_{i}", "NODE_2": f"NODE_{i}",
-                   "node-2": f"node-{i}"}
-        clone_service(compose, "supernode-2", f"supernode-{i}", renames)
-        clone_service(compose, "clientapp-2", f"clientapp-{i}", renames)
-    env = {"CERTS_DIR": str(certs), "OUTPUTS_DIR": str(work / "outputs"), "SERVER_DATA": str(work / "server-data")}
-    for i in range(1, nodes + 1):
-        env[f"SUPERNODE_{i}_NODE_CONFIG"] = f"partition-id={i - 1} num-partitions={nodes}"
-        env[f"NODE_{i}_DATA"] = str(work / f"data-{i}")
-    services = compose_commands(compose, env, ROOT, work / "volumes")
-
-    def start(name: str) -> Process:
-        return group.start(name, services[name].argv, env=services[name].env)
-
-    start("superlink").wait_for("Uvicorn running", 120)
-    write_connection(group.home, "secure", f"127.0.0.1:{services['superlink'].listen}", certs / "ca.crt")
-    start("serverapp")
-    for name in names:
-        register_supernode(group, certs / "auth" / f"{name}.pub", "secure", name)
-    for i in range(1, nodes + 1):
-        start(f"supernode-{i}")
-        start(f"clientapp-{i}")
-    for name in names:
-        group.procs[name].wait_for("SuperNode ID", 300)
-    return run_app(group, "secure", run_config_string(config), timeout=3600)
+    start_compose_deployment(group, work, nodes)
+    return run_app(group, OPERATOR, run_config_string(config), timeout=3600)
 
 
 def run_setting(setting: str, rounds: int, nodes: int, work: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -274,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be >= 1 and --supernodes >= 2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("make_certs").setLevel(logging.WARNING)
+    logging.getLogger("prepare_host").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
     rounds, phases, summary = [], [], []

@@ -11,14 +11,21 @@ Writes into ``--out`` (default ``certs/``)::
     auth/<node>  auth/<node>.pub    the SuperNode's authentication key pair: ECDSA P-384 in
                                     OpenSSH format, as `ssh-keygen -t ecdsa -b 384` makes it;
                                     register the .pub with `flwr supernode register`
+    superexec.secret                the shared secret the SuperLink's executors authenticate with
+                                    (`--superexec-auth-secret-file`): 64 hex characters
+
+Every private file (keys, the secret) is created readable by its owner only (mode 0600) from the
+start; the directory itself is made 0700. This directory is the administrator's: it holds
+``ca.key`` and is never mounted into a container. ``deploy/prepare_host.py`` copies what each
+container needs (never ``ca.key``) into the directory compose.yaml mounts.
 
 An existing CA is reused, so adding a SuperNode later does not invalidate the other
 certificates; other existing files are kept unless ``--force`` is given.
 
 Example::
 
-    python deploy/make_certs.py --out certs --host superlink --host fl.example.org --host 10.0.0.5 \\
-        --supernodes 3
+    python deploy/make_certs.py --out certs --host superlink --host fleet-proxy --host fl.example.org \\
+        --host 10.0.0.5 --supernodes 3
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,11 +55,30 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVE())
 
 
+PRIVATE_MODE, PUBLIC_MODE = 0o600, 0o644
+DEFAULT_HOSTS = ("superlink", "fleet-proxy")  # compose.yaml's names: the SuperLink and the data owners' proxy
+
+
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``path`` atomically; a private file is never readable by anyone but its owner.
+
+    The file is created with O_EXCL at its final mode (umask can only narrow it; fchmod before the
+    first byte sets it exactly), written, then renamed over ``path``: no moment exists at which a
+    key's bytes sit in a file with wider permissions, and a reader never sees half a file.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o600 if private else 0o644)
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted run: O_EXCL must create afresh
+    mode = PRIVATE_MODE if private else PUBLIC_MODE
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask took away
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     log.info("wrote %s", path)
 
@@ -75,7 +102,7 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 
 
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return now - dt.timedelta(minutes=5), now + dt.timedelta(days=days)
 
 
@@ -151,8 +178,8 @@ def generate(
     out: Path, hosts: Sequence[str], supernodes: Sequence[str], days: int = 365, force: bool = False
 ) -> dict[str, Path]:
     """Create (or complete) the certificate directory; returns the paths by role."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {"ca": out / "ca.crt"}
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"ca": out / "ca.crt", "superexec.secret": out / "superexec.secret"}
     ca = None if force else _load_ca(out)
     if ca is None:
         ca = make_ca(days)
@@ -172,6 +199,9 @@ def generate(
         _write(crt, c.public_bytes(serialization.Encoding.PEM), private=False)
 
     server("superlink", [*hosts, *ALWAYS_SANS])
+    secret = out / "superexec.secret"
+    if force or not secret.exists():
+        _write(secret, secrets.token_hex(32).encode("ascii"), private=True)
     for node in supernodes:
         server(node, [node, *ALWAYS_SANS])
         private, public = out / "auth" / node, out / "auth" / f"{node}.pub"
@@ -191,7 +221,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--host", action="append", default=[],
         help="host name or IP address SuperNodes and the flwr CLI use to reach the SuperLink "
-        "(repeat; localhost and 127.0.0.1 are always included; default: superlink, the compose service name)",
+        "(repeat; localhost and 127.0.0.1 are always included; default: superlink and fleet-proxy, "
+        "the names compose.yaml's containers dial)",
     )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--supernodes", type=int, default=None, help="create keys for supernode-1 .. supernode-N (default 2)")
@@ -214,12 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     count = 2 if args.supernodes is None else args.supernodes
     nodes = args.node if args.node is not None else [f"supernode-{i}" for i in range(1, count + 1)]
-    hosts = args.host or ["superlink"]
+    hosts = args.host or list(DEFAULT_HOSTS)
     generate(args.out, hosts, nodes, days=args.days, force=args.force)
     log.info(
-        "done. SuperLink: --ssl-ca-certfile %(d)s/ca.crt --ssl-certfile %(d)s/superlink.crt --ssl-keyfile "
-        "%(d)s/superlink.key; SuperNodes: --root-certificates %(d)s/ca.crt --auth-supernode-private-key "
-        "%(d)s/auth/<node>; register each %(d)s/auth/<node>.pub with `flwr supernode register`.",
+        "done. SuperLink and proxy: --ssl-ca-certfile %(d)s/ca.crt --ssl-certfile %(d)s/superlink.crt --ssl-keyfile "
+        "%(d)s/superlink.key --superexec-auth-secret-file %(d)s/superexec.secret; SuperNodes: --root-certificates "
+        "%(d)s/ca.crt --auth-supernode-private-key %(d)s/auth/<node>; register each %(d)s/auth/<node>.pub with "
+        "`flwr supernode register`. For Docker: sudo python3 deploy/prepare_host.py --certs %(d)s",
         {"d": args.out},
     )
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import stat
@@ -71,10 +72,66 @@ def test_auth_keys_are_p384_openssh_pairs_flower_accepts(certs: Path) -> None:
         assert try_load_public_key(certs / "auth" / f"{node}.pub")  # what `flwr supernode register` runs
 
 
-def test_private_keys_are_readable_by_the_owner_only(certs: Path) -> None:
-    for path in (certs / "ca.key", certs / "superlink.key", certs / "node-a.key", certs / "auth" / "node-a"):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    assert stat.S_IMODE((certs / "ca.crt").stat().st_mode) == 0o644
+PRIVATE = ("ca.key", "superlink.key", "node-a.key", "node-b.key", "auth/node-a", "auth/node-b", "superexec.secret")
+
+
+def test_private_files_are_readable_by_the_owner_only(certs: Path) -> None:
+    for name in PRIVATE:
+        assert stat.S_IMODE((certs / name).stat().st_mode) == 0o600, name
+    for name in ("ca.crt", "superlink.crt", "node-a.crt", "auth/node-a.pub"):
+        assert stat.S_IMODE((certs / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o700  # the directory holds ca.key
+    secret = (certs / "superexec.secret").read_bytes()
+    assert len(secret) == 64 and all(c in b"0123456789abcdef" for c in secret)
+
+
+def test_private_files_are_never_wider_than_0600_not_even_while_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the most permissive umask, every byte of a private file goes into a file that is already
+    0600 (created so with O_EXCL), and nothing is chmod-ed after the write."""
+    opened: dict[int, str] = {}
+    events: list[tuple[str, str, int]] = []
+    real_open, real_write, real_chmod = os.open, os.write, os.chmod
+
+    def spy_open(path, flags, mode=0o777, *args, **kwargs):  # type: ignore[no-untyped-def]
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        if str(path).startswith(str(tmp_path)):
+            opened[fd] = str(path)
+            events.append(("open", str(path), mode if flags & os.O_CREAT else -1))
+            assert flags & os.O_EXCL, f"{path} opened without O_EXCL"
+        return fd
+
+    def spy_write(fd, data):  # type: ignore[no-untyped-def]
+        if fd in opened:
+            events.append(("write", opened[fd], stat.S_IMODE(os.fstat(fd).st_mode)))
+        return real_write(fd, data)
+
+    def spy_chmod(path, mode, *args, **kwargs):  # type: ignore[no-untyped-def]
+        events.append(("chmod", str(path), mode))
+        return real_chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "write", spy_write)
+    monkeypatch.setattr(os, "chmod", spy_chmod)
+    old_umask = os.umask(0)
+    try:
+        generate(tmp_path / "certs", ["fl.example.org"], ["node-a"])
+    finally:
+        os.umask(old_umask)
+    monkeypatch.undo()
+    out = tmp_path / "certs"
+    private = {str(out / n) for n in ("ca.key", "superlink.key", "node-a.key", "auth/node-a", "superexec.secret")}
+    written = {Path(p).name.removeprefix(".").removesuffix(".tmp") for kind, p, _ in events if kind == "write"}
+    assert {Path(p).name for p in private} <= written
+    for kind, path, mode in events:
+        final = str(Path(path).with_name(Path(path).name.removeprefix(".").removesuffix(".tmp")))
+        if kind == "chmod":
+            pytest.fail(f"chmod after the fact: {path} to {oct(mode)}")
+        if final in private:
+            assert mode == 0o600, (kind, path, oct(mode))
+    for path in private:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
 
 def test_existing_files_are_kept_and_a_new_node_reuses_the_ca(certs: Path) -> None:
@@ -130,7 +187,7 @@ def test_tls_handshake_fails_for_another_name(certs: Path) -> None:
 def test_cli_defaults_and_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--out", str(tmp_path / "c")]) == 0
     dns, _ = _sans(_cert(tmp_path / "c" / "superlink.crt"))
-    assert "superlink" in dns  # the compose service name, by default
+    assert dns == {"superlink", "fleet-proxy", "localhost"}  # the names compose.yaml's containers dial
     assert sorted(p.name for p in (tmp_path / "c" / "auth").iterdir()) == [
         "supernode-1", "supernode-1.pub", "supernode-2", "supernode-2.pub"]
     for bad, message in ((["--supernodes", "-1"], "--supernodes must be >= 0"), (["--node", "../x"], "plain name"),

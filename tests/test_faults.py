@@ -28,15 +28,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.deploy_utils import (
-    Process,
-    cluster,
-    free_port,
-    max_weight_difference,
-    replay,
-    run_config_string,
-    write_connection,
-)
+from deploy.local import Process, cluster, free_port, run_config_string, write_connection
+from tests.deploy_utils import max_weight_difference, replay
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

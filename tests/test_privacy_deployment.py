@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from deploy.local import cluster, free_port, run_app, run_config_string, write_connection
 from strategies.privacy import AccountingSpec, PrivacyAccountant
-from tests.deploy_utils import cluster, free_port, run_app, run_config_string, write_connection
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
