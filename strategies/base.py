@@ -216,7 +216,7 @@ class FederatedStrategy(Strategy):
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
         config: dict[str, Scalar] = {"server-round": rnd}
         for hook in self.hooks:
-            extra = hook.fit_config(rnd, self._num_available, len(clients)) if clients else {}
+            extra = hook.fit_config(rnd, self._num_available, len(clients))
             if extra is None:
                 self._skipped_round = rnd
                 return []

@@ -81,8 +81,8 @@ class StrategyHook(Protocol):
 
     Each round the shell calls every hook, in the order given:
 
-    1. `fit_config` after sampling: extra fit-config entries for the sampled clients, or None to
-       skip the round (no client is asked to train or evaluate; the model stays).
+    1. `fit_config` after sampling (``num_sampled`` may be 0): extra fit-config entries for the
+       sampled clients, or None to skip the round (no client is asked to train or evaluate).
     2. `preprocess` on the raw replies, before they are decoded (e.g. take off trailing arrays
        that are not part of the model payload).
     3. `process_updates` on the accepted, decoded updates right before aggregation, when
