@@ -189,9 +189,9 @@ client = ca.FlowerClient(cfg, data, RecordDict())
 weights = get_weights(client.model, client.spec)
 dynamo_before = "torch._dynamo" in sys.modules
 t3 = time.perf_counter()
-client.fit(weights, {"server-round": 1, "proximal-mu": 0.0})
+client.fit(weights, {"server-round": 1})
 t4 = time.perf_counter()
-client.fit(weights, {"server-round": 1, "proximal-mu": 0.0})  # the same work again, warm
+client.fit(weights, {"server-round": 1})  # the same work again, warm
 t5 = time.perf_counter()
 client.evaluate(weights, {"server-round": 1})
 t6 = time.perf_counter()

@@ -71,7 +71,7 @@ def central(rounds: int, clients: int, alpha: float) -> tuple[list[float], float
 
 def flwr_default_job(clients: int) -> tuple[float, float]:
     """Wall time and final centralized accuracy of the README's default job through `flwr run`."""
-    from tests.flwr_utils import run_simulation, stop_processes_of
+    from deploy.local import run_simulation, stop_processes_of
 
     with tempfile.TemporaryDirectory() as tmp:
         home, out = Path(tmp) / "home", Path(tmp) / "out"

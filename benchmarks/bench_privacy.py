@@ -6,7 +6,7 @@ Run from the repository root::
     python -m benchmarks.bench_privacy --part accuracy  # digits, 20 clients, several noise multipliers
     python -m benchmarks.bench_privacy --part secagg    # seconds per round, 1M and 10M parameters
 
-Both parts run the real ServerApp and ClientApp code (`flower_app.privacy.run_server`, the
+Both parts run the real ServerApp and ClientApp code (`flower_app.server_app.run_server`, the
 project's strategy, `FlowerClient` with its mods) through `InProcessGrid`, which hands every
 message to the clients one at a time in this process: no Ray, no SuperLink, so the numbers
 measure the app and the protocol rather than the runtime's polling.
@@ -36,8 +36,8 @@ from flwr.app import Context, RecordDict
 
 from flower_app import client_app
 from flower_app.config import AppConfig
-from flower_app.privacy import InProcessGrid, run_server
-from flower_app.server_app import server_fn
+from flower_app.inprocess import InProcessGrid
+from flower_app.server_app import run_server, server_fn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("bench_privacy")

@@ -66,14 +66,14 @@ from flwr.client import NumPyClient
 from flwr.common import RecordDict, Scalar
 
 from flower_app.client_app import FlowerClient
-from flower_app.config import AppConfig, parse_run_config
+from flower_app.config import AGGREGATOR_KEYS, RULE_KEYS, AppConfig, aggregator_keys, parse_run_config, rule_keys
 from flower_app.data import client_data, model_info, server_source
 from flower_app.inprocess import run_rounds
+from flower_app.options import train_options
 from flower_app.server_app import build_strategy
-from flower_app.task import TrainOptions, build_model, evaluate, make_loader, resolve_device, train
-from strategies import get_rule
-from strategies.base import RoundRecord, payload_kind
+from flower_app.task import build_model, evaluate, make_loader, resolve_device, train
 from strategies.compression import CODECS, decompress
+from strategies.hooks import RoundRecord
 
 logger = logging.getLogger("bench_strategies")
 
@@ -121,21 +121,6 @@ TUNING_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
 RULES = ("fedavg", "fedsgd", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold", "fednova")
 ROBUST_AGGREGATORS = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 
-# Which run-config keys each rule / aggregator actually reads (the CSV leaves the others empty).
-_SERVER_KEYS_BY_OPTIMIZER: dict[str, tuple[str, ...]] = {
-    "sgd": ("server-learning-rate",),
-    "momentum": ("server-learning-rate", "server-momentum"),
-    "adam": ("server-learning-rate", "server-beta1", "server-beta2", "server-tau"),
-    "yogi": ("server-learning-rate", "server-beta1", "server-beta2", "server-tau"),
-    "adagrad": ("server-learning-rate", "server-beta1", "server-tau"),
-}
-_AGGREGATOR_KEYS: dict[str, tuple[str, ...]] = {
-    "mean": (),
-    "median": (),
-    "trimmed-mean": ("trim-fraction",),
-    "krum": ("num-byzantine",),
-    "multi-krum": ("num-byzantine", "num-selected"),
-}
 HPARAM_COLUMNS = (
     "learning-rate", "local-epochs", "batch-size", "server-learning-rate", "server-momentum", "server-beta1",
     "server-beta2", "server-tau", "proximal-mu", "trim-fraction", "num-byzantine", "num-selected",
@@ -192,7 +177,7 @@ class CorruptedClient(NumPyClient):
     """A Byzantine client: runs the honest ``FlowerClient``, then corrupts the update it returns.
 
     The model part of the reply is decoded with the client's own codec (``strategies.compression``), read
-    by its kind (``strategies.base.payload_kind``): weights ``w_i`` become ``w + corrupt(w_i - w)``, updates
+    by its kind (``FlowerClient.kind``): weights ``w_i`` become ``w + corrupt(w_i - w)``, updates
     and gradients are corrupted directly; the result is encoded again. Arrays after the model part
     (SCAFFOLD's control deltas) pass through unchanged.
     """
@@ -202,7 +187,7 @@ class CorruptedClient(NumPyClient):
             corrupt_update([], attack, np.random.default_rng(0))  # raises with the valid choices
         self.inner = inner
         self.attack = attack
-        self.kind = payload_kind(inner.rule, inner.cfg.send_delta)
+        self.kind = inner.kind
         self.rng = np.random.default_rng(seed)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -230,8 +215,15 @@ def corrupted_ids(num_clients: int, fraction: float, seed: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------- runners
+def keys_read(run_config: Mapping[str, Value]) -> set[str]:
+    """The rule- and aggregator-specific keys this run's rule and aggregator read (`flower_app.config`)."""
+    return {*rule_keys(str(run_config.get("strategy", "fedavg"))), *aggregator_keys(str(run_config.get("aggregator", "mean")))}
+
+
 def make_config(run_config: Mapping[str, Value], output_dir: str) -> AppConfig:
-    return parse_run_config({**run_config, "output-dir": output_dir})
+    # The shared defaults set every rule's keys; the app refuses those this rule does not read.
+    unread = set(RULE_KEYS + AGGREGATOR_KEYS) - keys_read(run_config)
+    return parse_run_config({**{k: v for k, v in run_config.items() if k not in unread}, "output-dir": output_dir})
 
 
 def make_clients(cfg: AppConfig, num_clients: int, attack: str, bad: Sequence[int]) -> list[NumPyClient]:
@@ -281,8 +273,7 @@ def run_centralized(run_config: Mapping[str, Value], num_clients: int, rounds: i
     model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed)
     device = resolve_device("cpu")
     test_loader = make_loader(source.test.x, source.test.y, batch_size=256, shuffle=False)
-    options = TrainOptions(epochs=cfg.local_epochs, learning_rate=cfg.learning_rate, momentum=cfg.client_momentum,
-                           weight_decay=cfg.weight_decay)
+    options = train_options(cfg)
     result = RunResult()
     for rnd in range(rounds + 1):
         if rnd > 0:
@@ -377,14 +368,7 @@ def tune(setting: Setting, config: Mapping[str, Value], num_clients: int, tune_r
 
 def hparams_row(run_config: Mapping[str, Value]) -> dict[str, Any]:
     """The hyper-parameters this rule reads; the others are left empty."""
-    rule = get_rule(str(run_config["strategy"]))
-    used = {"learning-rate", "local-epochs", "batch-size"}
-    if rule.client_mode == "gradient":
-        used -= {"learning-rate", "local-epochs"}  # FedSGD clients send one full-batch gradient
-    used |= set(_SERVER_KEYS_BY_OPTIMIZER[rule.server_optimizer])
-    if rule.proximal:
-        used.add("proximal-mu")
-    used |= set(_AGGREGATOR_KEYS[str(run_config.get("aggregator", "mean"))])
+    used = keys_read(run_config) | {"batch-size"}
     return {k.replace("-", "_"): (run_config[k] if k in used else None) for k in HPARAM_COLUMNS}
 
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from strategies import STRATEGIES, get_rule
+from strategies.aggregators import AGGREGATOR_PARAMS_USED, AGGREGATOR_SPECS, AGGREGATORS
+from strategies.optimizers import OPTIMIZER_HPARAMS_USED
 
 Scalar = bool | int | float | str
 
 
-def _opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - mirrors argparse
+def _opt(default: Any, help: str, **checks: Any) -> Any:
     """A config field: its default, a one-line help and optional checks.
 
     checks: ``choices`` (an iterable or a zero-argument callable returning one), ``min``/``max``
@@ -27,14 +32,10 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:  # noqa: A002 - mirrors
 
 
 def _strategy_names() -> list[str]:
-    from strategies import STRATEGIES
-
     return sorted(STRATEGIES)
 
 
 def _aggregator_names() -> list[str]:
-    from strategies.aggregators import AGGREGATORS
-
     return sorted(AGGREGATORS)
 
 
@@ -62,6 +63,72 @@ def _model_names() -> list[str]:
     return sorted(["auto", *MODELS, *FINETUNE_MODELS])
 
 
+# Run-config keys that only some rules or aggregators read. The server optimizer's and the aggregator's
+# keys feed the fields named in `strategies.optimizers.OPTIMIZER_HPARAMS_USED` and
+# `strategies.aggregators.AGGREGATOR_PARAMS_USED`; `flower_app.options` builds those options from these tables.
+SERVER_OPTIMIZER_KEYS: dict[str, str] = {  # ServerOptHParams field -> run-config key
+    "learning_rate": "server-learning-rate",
+    "momentum": "server-momentum",
+    "beta1": "server-beta1",
+    "beta2": "server-beta2",
+    "tau": "server-tau",
+    "bias_correction": "server-bias-correction",
+}
+AGGREGATOR_PARAM_KEYS: dict[str, str] = {  # AggregatorParams field -> run-config key
+    "trim_fraction": "trim-fraction",
+    "num_byzantine": "num-byzantine",
+    "num_selected": "num-selected",
+}
+PROXIMAL_KEYS = ("proximal-mu",)  # read by rules with `RuleSpec.proximal`
+LOCAL_TRAINING_KEYS = (  # read by rules with `RuleSpec.local_training`
+    "local-epochs", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps", "client-optimizer",
+)
+RULE_KEYS = (*SERVER_OPTIMIZER_KEYS.values(), *PROXIMAL_KEYS, *LOCAL_TRAINING_KEYS)
+AGGREGATOR_KEYS = tuple(AGGREGATOR_PARAM_KEYS.values())
+
+
+def rule_keys(strategy: str) -> tuple[str, ...]:
+    """The keys of `RULE_KEYS` that the rule ``strategy`` reads, from its `RuleSpec`."""
+    rule = get_rule(strategy)
+    used = OPTIMIZER_HPARAMS_USED[rule.server_optimizer]
+    keys = [key for f, key in SERVER_OPTIMIZER_KEYS.items() if f in used]
+    keys += list(PROXIMAL_KEYS) if rule.proximal else []
+    keys += list(LOCAL_TRAINING_KEYS) if rule.local_training else []
+    return tuple(keys)
+
+
+def aggregator_keys(aggregator: str) -> tuple[str, ...]:
+    """The keys of `AGGREGATOR_KEYS` that ``aggregator`` reads."""
+    used = AGGREGATOR_PARAMS_USED[aggregator]
+    return tuple(key for f, key in AGGREGATOR_PARAM_KEYS.items() if f in used)
+
+
+def _readers(key: str) -> str:
+    """For the help table: which rules or aggregators read a key that not all of them read."""
+    families = (
+        ("strategy", "strategies", list(STRATEGIES), RULE_KEYS, rule_keys),
+        ("aggregator", "aggregators", list(AGGREGATORS), AGGREGATOR_KEYS, aggregator_keys),
+    )
+    for one, many, names, family, keys_of in families:
+        if key not in family:
+            continue
+        readers = [n for n in names if key in keys_of(n)]
+        others = [n for n in names if n not in readers]
+        if not others:
+            return ""
+        if len(others) < len(readers):
+            return f"; read by all {many} but {', '.join(others)}"
+        return f"; read by {one if len(readers) == 1 else many} {', '.join(readers)}"
+    return ""
+
+
+def _one_of(names: Sequence[str]) -> str:
+    """``'mean'`` for one name, ``one of 'a', 'b'`` for more."""
+    if len(names) == 1:
+        return f"'{names[0]}'"
+    return "one of " + ", ".join(f"'{n}'" for n in names)
+
+
 @dataclass(frozen=True)
 class AppConfig:
     """Every knob of a run. Field docs are the README's run-config table."""
@@ -83,16 +150,16 @@ class AppConfig:
     # --- server update rule ---
     strategy: str = _opt("fedavg", "server update rule", choices=_strategy_names)
     aggregator: str = _opt("mean", "how client updates are combined", choices=_aggregator_names)
-    server_learning_rate: float = _opt(1.0, "server step size (1.0 with fedavg = plain averaging)", gt=0.0)
-    server_momentum: float = _opt(0.9, "server momentum (fedavgm)", min=0.0, lt=1.0)
-    server_beta1: float = _opt(0.9, "first-moment decay (fedadam, fedyogi, fedadagrad)", min=0.0, lt=1.0)
-    server_beta2: float = _opt(0.99, "second-moment decay (fedadam, fedyogi)", min=0.0, lt=1.0)
+    server_learning_rate: float = _opt(1.0, "server step size (1.0 with the sgd server optimizer = plain averaging)", gt=0.0)
+    server_momentum: float = _opt(0.9, "server momentum", min=0.0, lt=1.0)
+    server_beta1: float = _opt(0.9, "first-moment decay of the adaptive server optimizers", min=0.0, lt=1.0)
+    server_beta2: float = _opt(0.99, "second-moment decay of the adaptive server optimizers", min=0.0, lt=1.0)
     server_tau: float = _opt(1e-3, "adaptivity / epsilon of the adaptive server optimizers", gt=0.0)
     server_bias_correction: bool = _opt(False, "Adam-style bias correction of the server moments")
-    proximal_mu: float = _opt(0.01, "FedProx proximal weight mu (sent to clients each round)", min=0.0)
-    trim_fraction: float = _opt(0.2, "trimmed-mean: fraction cut at each end per coordinate", min=0.0, lt=0.5)
-    num_byzantine: int = _opt(1, "krum / multi-krum: assumed number of bad clients", min=0)
-    num_selected: int = _opt(0, "multi-krum: clients averaged (0 = n - num-byzantine)", min=0)
+    proximal_mu: float = _opt(0.01, "proximal weight mu of the clients' local objective (Li et al. 2020)", min=0.0)
+    trim_fraction: float = _opt(0.2, "fraction cut at each end per coordinate", min=0.0, lt=0.5)
+    num_byzantine: int = _opt(1, "assumed number of bad clients", min=0)
+    num_selected: int = _opt(0, "clients averaged (0 = n - num-byzantine)", min=0)
     # --- local training ---
     local_epochs: int = _opt(2, "local epochs per round", min=1)
     batch_size: int = _opt(32, "local mini-batch size", min=1)
@@ -137,7 +204,7 @@ class AppConfig:
     output_dir: str = _opt("outputs", "where metrics, plots, checkpoints and the final model go")
     resume: bool = _opt(False, "continue from output-dir/checkpoint.pt")
     checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1)
-    # --- privacy: secure aggregation and differential privacy (flower_app/privacy.py; README "Privacy") ---
+    # --- privacy: secure aggregation and differential privacy (README "Privacy") ---
     secure_aggregation: bool = _opt(False, "SecAgg+: the server only sees the sum of the client updates")
     secagg_num_shares: float = _opt(
         1.0, "SecAgg+ shares per client secret: a fraction of the round's clients (<= 1) or a count (odd, >= 3)", gt=0.0
@@ -197,20 +264,31 @@ class AppConfig:
         self._check_combinations()
 
     def _check_combinations(self) -> None:
-        """Reject settings that cannot work together."""
+        """Reject settings that cannot work together; rule and aggregator facts come from their registries."""
         if self.min_available_clients < self.min_fit_clients:
             raise ConfigError(
                 f"min-available-clients ({self.min_available_clients}) must be >= "
                 f"min-fit-clients ({self.min_fit_clients})"
             )
-        if self.strategy == "fednova" and self.aggregator != "mean":
+        rule = get_rule(self.strategy)
+        means = [a for a, spec in AGGREGATOR_SPECS.items() if not spec.per_client]
+        if rule.aggregator_conflict and AGGREGATOR_SPECS[self.aggregator].per_client:
             raise ConfigError(
-                f"strategy 'fednova' does its own normalized averaging; aggregator must be 'mean', got '{self.aggregator}'"
+                f"strategy '{self.strategy}' {rule.aggregator_conflict}; aggregator must be {_one_of(means)}, "
+                f"got '{self.aggregator}'"
             )
-        if self.compression == "topk" and not self.send_delta:
+        kind = rule.payload_kind(self.send_delta)
+        if self.compression == "topk" and kind == "weights":
             raise ConfigError("compression 'topk' sparsifies updates: set send-delta=true (sparse weights make no sense)")
-        if self.strategy == "fedsgd" and self.send_delta:
-            raise ConfigError("strategy 'fedsgd' sends gradients; send-delta must be false")
+        if kind == "gradient" and self.send_delta:
+            raise ConfigError(f"strategy '{self.strategy}' sends gradients; send-delta must be false")
+        self._check_unread_keys()
+        if self.client_optimizer == "adamw" and rule.adamw_conflict:
+            fits = [name for name, r in STRATEGIES.items() if not r.adamw_conflict]
+            raise ConfigError(
+                f"client-optimizer 'adamw' does not fit strategy '{self.strategy}' ({rule.adamw_conflict}); "
+                f"it fits {_one_of(fits)}"
+            )
         if self.dataset == "synthetic" and self.num_partitions == 0:
             # The source generates one device per partition: a server reading num-partitions=0 would
             # generate (and evaluate on) a different, one-device data set than the clients train on.
@@ -219,9 +297,99 @@ class AppConfig:
                 "(0 would let the server and the clients generate different data)"
             )
         self._check_finetune()
-        from flower_app.privacy import check_privacy_config  # the privacy section's own checks
+        self._check_privacy()
 
-        check_privacy_config(self)
+    def _check_unread_keys(self) -> None:
+        """A rule- or aggregator-specific key set to a non-default value that this run does not read is a mistake."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        optimizer = get_rule(self.strategy).server_optimizer
+        for what, family, read in (
+            (f"strategy '{self.strategy}' (server optimizer '{optimizer}')", RULE_KEYS, rule_keys(self.strategy)),
+            (f"aggregator '{self.aggregator}'", AGGREGATOR_KEYS, aggregator_keys(self.aggregator)),
+        ):
+            unread = [k for k in family if k not in read and getattr(self, _snake(k)) != defaults[_snake(k)]]
+            if unread:
+                them = "it" if len(unread) == 1 else "them"
+                reads = ", ".join(read) if read else f"none of {', '.join(family)}"
+                raise ConfigError(
+                    f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} set but {what} does not read {them} "
+                    f"(it reads {reads}); leave {them} at the default or choose another {what.split()[0]}"
+                )
+
+    def _check_privacy(self) -> None:
+        """Secure aggregation and differential privacy: refuse settings that cannot work."""
+        rule = get_rule(self.strategy)
+        per_client = AGGREGATOR_SPECS[self.aggregator].per_client
+        means = [a for a, spec in AGGREGATOR_SPECS.items() if not spec.per_client]
+        if self.secure_aggregation:
+            if per_client:
+                raise ConfigError(
+                    f"secure-aggregation: the server only sees the sum of the updates, so the per-client rule "
+                    f"aggregator='{self.aggregator}' cannot run; use aggregator={_one_of(means)}"
+                )
+            if rule.secagg_conflict:
+                fits = [name for name, r in STRATEGIES.items() if not r.secagg_conflict]
+                raise ConfigError(
+                    f"secure-aggregation: strategy '{self.strategy}' {rule.secagg_conflict}, but SecAgg+ returns one "
+                    f"example-weighted mean of everything the clients send; choose {_one_of(fits)}"
+                )
+            if self.compression != "none":
+                raise ConfigError(
+                    f"secure-aggregation: compression '{self.compression}' cannot be summed under masking (SecAgg+ sends "
+                    "its own quantized integer vector, and codec scales or top-k indices are not additive); "
+                    "set compression='none'"
+                )
+            if self.dp_mode == "central-server":
+                raise ConfigError(
+                    "dp-mode 'central-server' clips each update on the server, which secure aggregation hides; "
+                    "use dp-mode='central-client' (clients clip and add their share of the noise)"
+                )
+            self._check_secagg_counts()
+            if self.min_fit_clients < 2:
+                raise ConfigError("secure-aggregation needs at least 2 clients a round: set min-fit-clients >= 2")
+        if self.dp_mode == "none":
+            if self.dp_target_epsilon > 0:
+                raise ConfigError("dp-target-epsilon is set but dp-mode is 'none': there is no privacy budget to track")
+            return
+        if rule.dp_conflict:
+            fits = [name for name, r in STRATEGIES.items() if not r.dp_conflict]
+            raise ConfigError(
+                f"dp-mode '{self.dp_mode}': strategy '{self.strategy}' {rule.dp_conflict}, which clipping and noise "
+                f"do not cover; choose {_one_of(fits)}"
+            )
+        if self.dp_mode != "local" and per_client:
+            raise ConfigError(
+                f"dp-mode '{self.dp_mode}': the noise is calibrated to the sum of clipped updates, so aggregator "
+                f"'{self.aggregator}' is not covered; use aggregator={_one_of(means)} (or dp-mode='local')"
+            )
+        if self.dp_clipping == "adaptive" and self.dp_mode == "local":
+            raise ConfigError("dp-clipping 'adaptive' estimates the norm from the clients' noisy count, a central-DP "
+                              "mechanism; use dp-clipping='fixed' with dp-mode='local'")
+        if self.secure_aggregation and self.secagg_clipping_range < self.dp_clipping_norm:
+            raise ConfigError(
+                f"secagg-clipping-range ({self.secagg_clipping_range:g}) is smaller than dp-clipping-norm "
+                f"({self.dp_clipping_norm:g}): SecAgg+ would clip the clipped updates again; raise secagg-clipping-range"
+            )
+        if self.dp_target_epsilon > 0 and self.dp_noise_multiplier == 0:
+            raise ConfigError("dp-target-epsilon needs noise: with dp-noise-multiplier=0 epsilon is infinite after one round")
+
+    def _check_secagg_counts(self) -> None:
+        shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold
+        if shares > 1 and (shares != int(shares) or shares < 3 or int(shares) % 2 == 0):
+            raise ConfigError(
+                f"secagg-num-shares: a count must be an odd integer >= 3 (each client shares with itself and the same "
+                f"number of neighbours on either side), or a fraction <= 1; got {shares:g}"
+            )
+        if threshold > 1 and (threshold != int(threshold) or threshold < 2):
+            raise ConfigError(
+                f"secagg-reconstruction-threshold: a count must be an integer >= 2 (or a fraction <= 1), got {threshold:g}"
+            )
+        if shares > 1 and threshold > 1 and threshold >= shares:
+            raise ConfigError(
+                f"secagg-reconstruction-threshold ({threshold:g}) must be smaller than secagg-num-shares ({shares:g})"
+            )
+        if not math.isfinite(self.secagg_clipping_range):
+            raise ConfigError("secagg-clipping-range must be finite")
 
     def _check_finetune(self) -> None:
         """The transformers / LoRA section: models, text data and tokenizer must fit together."""
@@ -259,13 +427,8 @@ class AppConfig:
         text_keys = [_kebab(k) for k in ("text_column", "max_length") if getattr(self, k) != defaults[k]]
         if text_keys and self.dataset not in text_models:
             raise ConfigError(f"{', '.join(text_keys)} apply to the datasets text and text-lm; dataset is '{self.dataset}'")
-        if self.client_optimizer == "adamw":
-            if self.strategy in ("fedsgd", "scaffold", "fednova"):
-                raise ConfigError(
-                    f"client-optimizer 'adamw' does not fit strategy '{self.strategy}' (it assumes local SGD steps)"
-                )
-            if self.client_momentum != 0.0:
-                raise ConfigError("client-momentum is for client-optimizer 'sgd'; adamw keeps its own moments")
+        if self.client_optimizer == "adamw" and self.client_momentum != 0.0:
+            raise ConfigError("client-momentum is for client-optimizer 'sgd'; adamw keeps its own moments")
 
     def to_run_config(self) -> dict[str, Scalar]:
         """The kebab-case mapping that `parse_run_config` reads back."""
@@ -340,6 +503,19 @@ def parse_run_config(run_config: Mapping[str, Scalar]) -> AppConfig:
         raise ConfigError(str(err)) from err
 
 
+def check_privacy_model(cfg: AppConfig, trainable: Sequence[bool], model_name: str) -> None:
+    """DP covers what clients send; refuse models that also send data-dependent buffers."""
+    if cfg.dp_mode != "none" and not all(trainable):
+        raise ConfigError(
+            f"dp-mode '{cfg.dp_mode}': model '{model_name}' shares {len(trainable) - sum(trainable)} buffers (BatchNorm "
+            "running statistics), which depend on the data and would need clipping and noise too (noise can make "
+            "a running variance negative); use a model without BatchNorm, e.g. model='mlp'"
+        )
+
+
 def help_table() -> list[tuple[str, Scalar, str]]:
-    """(key, default, help) for every run-config key, in declaration order (for the README)."""
-    return [(k, f.default, f.metadata["help"]) for k, f in FIELDS.items()]
+    """(key, default, help) for every run-config key, in declaration order (for the README).
+
+    Keys that only some rules or aggregators read say which, from the registries.
+    """
+    return [(k, f.default, f.metadata["help"] + _readers(k)) for k, f in FIELDS.items()]

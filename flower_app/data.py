@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 # Simulation keeps client processes (Ray actors) alive across rounds: sources load once per process.
-from datasets import PartitionOptions, Source, SourceOptions, TensorData, load_partition, load_source_cached
+from datasets import Source, TensorData, load_partition, load_source_cached
 from flower_app.config import AppConfig, ConfigError
+from flower_app.options import partition_options, source_options
 from flower_app.task import ModelInfo
 
 LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm")
@@ -24,27 +25,6 @@ class ClientData:
     info: ModelInfo
     partition_id: int  # -1 for a node that brings its own data file
     num_classes: int | None
-
-
-def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int | None = None) -> SourceOptions:
-    root = cfg.data_root or os.path.join(os.path.expanduser("~"), ".cache", "flower_app", "data")
-    return SourceOptions(
-        root=root,
-        download=cfg.download,
-        path=cfg.data_path if path is None else path,
-        label_column=cfg.label_column,
-        class_names=cfg.class_names,
-        test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
-        num_samples=cfg.num_samples,
-        num_features=cfg.num_features,
-        synthetic_alpha=cfg.synthetic_alpha,
-        synthetic_beta=cfg.synthetic_beta,
-        num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
-        text_column=cfg.text_column,
-        tokenizer=cfg.hf_model,
-        max_length=cfg.max_length,
-    )
 
 
 def model_info(source: Source) -> ModelInfo:
@@ -82,15 +62,7 @@ def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData
     if num_partitions < 1:
         raise ConfigError("set num-partitions in the node-config or the run config")
     source = load_source_cached(cfg.dataset, source_options(cfg, num_partitions=num_partitions))
-    options = PartitionOptions(
-        num_partitions=num_partitions,
-        seed=cfg.seed,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        classes_per_partition=cfg.classes_per_partition,
-        quantity_alpha=cfg.quantity_alpha,
-        min_partition_size=cfg.min_partition_size,
-    )
-    train, val = load_partition(source, cfg.partitioner, options, partition_id)
+    train, val = load_partition(source, cfg.partitioner, partition_options(cfg, num_partitions), partition_id)
     return ClientData(train, val, model_info(source), partition_id, source.num_classes)
 
 

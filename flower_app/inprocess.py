@@ -1,20 +1,28 @@
-"""Drive a Flower strategy and NumPyClients in one process, without Ray or a SuperLink.
+"""Run the app's server and clients in one process, without Ray or a SuperLink (tests, benchmarks).
 
-This reproduces the legacy server loop's message flow (configure_fit -> fit on each client ->
-aggregate_fit -> evaluate -> configure_evaluate -> evaluate on each client -> aggregate_evaluate),
-with the same (de)serialization of arrays, so tests and benchmarks can run many rounds of the real
-strategy and client code quickly and deterministically. `flwr run` remains the way to run the app.
+Two drivers. `run_rounds` reproduces the legacy server loop's message flow (configure_fit -> fit
+on each client -> aggregate_fit -> evaluate -> configure_evaluate -> evaluate on each client ->
+aggregate_evaluate) between a strategy and NumPyClients, with the same (de)serialization of arrays.
+`InProcessGrid` is a `Grid` that hands Flower's own messages to a `ClientApp`, so the real ServerApp
+main (`server_app.run_server`, the SecAgg+ workflow included) runs end to end. `flwr run` remains
+the way to run the app.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from flwr.client import NumPyClient
+from flwr.app import Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.client import ClientApp, NumPyClient
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.serverapp import Grid
 
 
 class LocalProxy(ClientProxy):
@@ -65,3 +73,82 @@ def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: i
         if instructions:
             replies = [(proxy, proxy.evaluate(ins, None, rnd)) for proxy, ins in instructions]
             strategy.aggregate_evaluate(rnd, replies, [])
+
+
+class InProcessGrid(Grid):
+    """A `Grid` that hands every message to a `ClientApp` in this process, one at a time.
+
+    Each node gets its own `Context` (node config, state that persists across messages), and
+    every message and reply is deep-copied, as a transport would, so mods that edit a message
+    (SecAgg+ does) never see another node's copy. ``drop(message)`` returning True makes that
+    node fail on that message (a dropout); a client exception becomes an error reply, as in
+    Flower's runtimes. It lets tests and benchmarks run `run_server` (the legacy loop or the
+    SecAgg+ workflow) end to end without Ray or a SuperLink.
+    """
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: Sequence[Mapping[str, bool | int | float | str]],
+        run_config: Mapping[str, bool | int | float | str],
+        drop: Callable[[Message], bool] | None = None,
+        run_id: int = 1,
+    ) -> None:
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.run import Run
+        from flwr.supercore.task_identity import TaskIdentity
+
+        # Messages take their run and sender from here (the runtimes set it for a real ServerApp).
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+        self.client_app = client_app
+        self.drop = drop
+        self._run = Run.create_empty(run_id)
+        self.contexts = {
+            node_id: Context(run_id, node_id, dict(nc), RecordDict(), dict(run_config))
+            for node_id, nc in enumerate(node_configs, start=101)
+        }
+        self._lock = threading.Lock()
+        self._replies: dict[str, Message] = {}
+        self._next_id = 0
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def _deliver(self, message: Message) -> Message:
+        message = copy.deepcopy(message)
+        if self.drop is not None and self.drop(message):
+            return Message(Error(code=0, reason="node dropped out"), reply_to=message)
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            reply = self.client_app(message, context)
+        except Exception as err:  # noqa: BLE001 - a failing client becomes an error reply
+            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        return copy.deepcopy(reply)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            with self._lock:  # one client at a time, like one core per client
+                reply = self._deliver(message)
+                self._next_id += 1
+                ids.append(str(self._next_id))
+                self._replies[ids[-1]] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))

@@ -1,7 +1,9 @@
-"""ServerApp: builds the model, the strategy and the run's outputs from the run config."""
+"""ServerApp: builds the model, the strategy and the run's outputs from the run config, and runs
+the legacy server loop, or Flower's SecAgg+ workflow when the run asks for secure aggregation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -10,14 +12,16 @@ import torch
 from flwr.common import Context, Scalar
 from flwr.common.logger import log
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server.compat import LegacyContext, start_grid
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from flower_app.config import AppConfig, parse_run_config
+from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import model_info, server_source
-from flower_app.client_app import compression_config, finetune_options
 from flower_app.hf_models import save_pretrained
+from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
 from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
-from flower_app.privacy import check_privacy_model, run_server, wrap_strategy
+from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
     build_model,
@@ -29,40 +33,7 @@ from flower_app.task import (
     set_weights,
     weight_spec,
 )
-from strategies.aggregators import AggregatorParams
-from strategies.base import FederatedStrategy, StrategyOptions
-from strategies.optimizers import ServerOptHParams
-
-
-def strategy_options(cfg: AppConfig) -> StrategyOptions:
-    return StrategyOptions(
-        rule=cfg.strategy,
-        aggregator=cfg.aggregator,
-        aggregator_params=AggregatorParams(
-            trim_fraction=cfg.trim_fraction,
-            num_byzantine=cfg.num_byzantine,
-            num_selected=cfg.num_selected,
-        ),
-        optimizer=ServerOptHParams(
-            learning_rate=cfg.server_learning_rate,
-            momentum=cfg.server_momentum,
-            beta1=cfg.server_beta1,
-            beta2=cfg.server_beta2,
-            tau=cfg.server_tau,
-            bias_correction=cfg.server_bias_correction,
-        ),
-        fraction_fit=cfg.fraction_fit,
-        min_fit_clients=cfg.min_fit_clients,
-        fraction_evaluate=cfg.fraction_evaluate,
-        min_evaluate_clients=cfg.min_evaluate_clients,
-        min_available_clients=cfg.min_available_clients,
-        client_wait_timeout=cfg.client_wait_timeout,
-        max_failure_fraction=cfg.max_failure_fraction,
-        proximal_mu=cfg.proximal_mu,
-        seed=cfg.seed,
-        send_delta=cfg.send_delta,
-        compression=compression_config(cfg),
-    )
+from strategies.base import FederatedStrategy
 
 
 def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
@@ -94,12 +65,14 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
     if cfg.resume:
         checkpoint = load_checkpoint(Path(cfg.output_dir) / CHECKPOINT_NAME, cfg, spec)
     start_round = int(checkpoint["round"]) if checkpoint else 0
-    recorder = RunRecorder(cfg, spec, save_model, start_round=start_round)
-    strategy = FederatedStrategy(
-        strategy_options(cfg), get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round
-    )
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
-    strategy = wrap_strategy(cfg, strategy)  # itself unless secure aggregation or DP is on
+    recorder = RunRecorder(cfg, spec, save_model, start_round=start_round)
+    options, privacy = strategy_options(cfg), privacy_options(cfg)
+    strategy = FederatedStrategy(
+        options, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round,
+        hooks=privacy_hooks(privacy, options, cfg.num_server_rounds),
+        preaggregated=privacy.secure_aggregation,  # SecAgg+ hands the strategy one aggregate
+    )
     if checkpoint is not None:
         strategy.load_state_dict(checkpoint["strategy"])
         log(INFO, "resuming from round %d of %d (%s)", start_round, cfg.num_server_rounds, cfg.output_dir)
@@ -117,8 +90,53 @@ def server_fn(context: Context) -> ServerAppComponents:
 app = ServerApp()
 
 
+def secagg_workflow(options: PrivacyOptions, round_timeout: float) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the run's settings (counts > 1 become ints)."""
+
+    def count_or_fraction(value: float) -> int | float:
+        return int(value) if value > 1 else float(value)
+
+    return SecAggPlusWorkflow(
+        num_shares=count_or_fraction(options.secagg_num_shares),
+        reconstruction_threshold=count_or_fraction(options.secagg_reconstruction_threshold),
+        max_weight=options.secagg_max_weight,
+        clipping_range=options.secagg_clipping_range,
+        quantization_range=options.secagg_quantization_range,
+        timeout=round_timeout if round_timeout > 0 else None,
+    )
+
+
+def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], ServerAppComponents] = server_fn) -> None:
+    """The ServerApp's main: the legacy loop, or the SecAgg+ workflow when the run asks for it.
+
+    Without secure aggregation this is exactly what ``ServerApp(server_fn=...)`` does
+    (`start_grid` with the components); with it, Flower's `DefaultWorkflow` runs the same
+    strategy with `SecAggPlusWorkflow` as its fit step.
+    """
+    cfg = parse_run_config(context.run_config)
+    components = server_fn(context)
+    if not cfg.secure_aggregation:
+        start_grid(
+            grid=grid,
+            server=components.server,
+            config=components.config,
+            strategy=components.strategy,
+            client_manager=components.client_manager,
+        )
+        return
+    options = privacy_options(cfg)
+    log(INFO, "secure aggregation: SecAgg+ (shares %g, threshold %g, clipping range %g, quantization range %d)",
+        options.secagg_num_shares, options.secagg_reconstruction_threshold, options.secagg_clipping_range,
+        options.secagg_quantization_range)
+    legacy = LegacyContext(
+        context=context,
+        config=components.config,
+        strategy=components.strategy,
+        client_manager=components.client_manager,
+    )
+    DefaultWorkflow(fit_workflow=secagg_workflow(options, cfg.round_timeout))(grid, legacy)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # As ServerApp(server_fn=server_fn) would run it, or through the SecAgg+ workflow when the
-    # run config asks for secure aggregation (flower_app/privacy.py).
-    run_server(grid, context, server_fn)
+    run_server(grid, context)

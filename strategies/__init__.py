@@ -16,6 +16,12 @@ from dataclasses import dataclass
 class RuleSpec:
     """A server update rule from the literature, as configuration of the common pipeline.
 
+    The fields say what the rule does; the properties below derive from them what travels, what is
+    kept, and which run-wide features (secure aggregation, differential privacy, robust aggregators,
+    a client-side AdamW) can run with it. The app's compatibility checks and their messages read only
+    these properties, so a new rule is added here and nowhere else. Compression applies to every
+    rule's model payload (extra arrays travel uncompressed), so it has no property.
+
     Attributes:
         name: registry key.
         server_optimizer: key of `strategies.optimizers.SERVER_OPTIMIZERS` applied to the
@@ -35,6 +41,60 @@ class RuleSpec:
     scaffold: bool = False
     fednova: bool = False
     reference: str = ""
+
+    def payload_kind(self, send_delta: bool) -> str:
+        """What a client sends: ``"gradient"`` (gradient rules), else ``"delta"`` or ``"weights"``."""
+        if self.client_mode == "gradient":
+            return "gradient"
+        return "delta" if send_delta else "weights"
+
+    @property
+    def local_training(self) -> bool:
+        """Clients train locally (epochs, learning rate, client optimizer); gradient rules do not."""
+        return self.client_mode == "train"
+
+    @property
+    def extra_arrays(self) -> str:
+        """What a client sends after its model payload ("" = nothing)."""
+        return "control-variate update" if self.scaffold else ""
+
+    @property
+    def client_state(self) -> str:
+        """What a client keeps from one round to the next ("" = nothing)."""
+        return "control variate c_i" if self.scaffold else ""
+
+    @property
+    def reports_local_steps(self) -> bool:
+        """The server reads each client's ``local_steps`` metric."""
+        return self.fednova
+
+    @property
+    def secagg_conflict(self) -> str:
+        """Why secure aggregation (one example-weighted mean of all that clients send) cannot run this rule ("" = it can)."""
+        if self.extra_arrays:
+            return f"needs each client's {self.extra_arrays}, unweighted"
+        if self.reports_local_steps:
+            return "rescales each client's update by its own step count"
+        return ""
+
+    @property
+    def dp_conflict(self) -> str:
+        """Why differential privacy (which clips and noises the model payload only) does not cover this rule ("" = it does)."""
+        if self.extra_arrays:
+            return f"also sends its {self.extra_arrays}"
+        if self.reports_local_steps:
+            return "also sends its local step count"
+        return ""
+
+    @property
+    def aggregator_conflict(self) -> str:
+        """Why only aggregators that take a weighted mean fit this rule ("" = any aggregator does)."""
+        return "does its own normalized averaging" if self.fednova else ""
+
+    @property
+    def adamw_conflict(self) -> str:
+        """Why clients cannot train with AdamW under this rule ("" = they can)."""
+        return "it assumes local SGD steps" if not self.local_training or self.scaffold or self.fednova else ""
 
 
 STRATEGIES: dict[str, RuleSpec] = {

@@ -34,8 +34,10 @@ import torch
 __all__ = [
     "AGGREGATORS",
     "AGGREGATOR_PARAMS_USED",
+    "AGGREGATOR_SPECS",
     "Aggregator",
     "AggregatorParams",
+    "AggregatorSpec",
     "NDArrays",
     "coordinate_median",
     "fednova_combine",
@@ -472,6 +474,29 @@ AGGREGATOR_PARAMS_USED: dict[str, frozenset[str]] = {
     "trimmed-mean": frozenset({"trim_fraction"}),
 }
 """Which :class:`AggregatorParams` fields each rule reads; a caller can reject settings that would do nothing."""
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """What an aggregation rule needs from a round (for callers' compatibility checks).
+
+    Attributes:
+        per_client: it needs every client's update on its own, not only their weighted sum; it cannot
+            run under secure aggregation (the server sees only the sum) nor under central differential
+            privacy (the noise is calibrated to the sum of clipped updates).
+    """
+
+    per_client: bool
+
+
+AGGREGATOR_SPECS: dict[str, AggregatorSpec] = {
+    "krum": AggregatorSpec(per_client=True),
+    "mean": AggregatorSpec(per_client=False),
+    "median": AggregatorSpec(per_client=True),
+    "multi-krum": AggregatorSpec(per_client=True),
+    "trimmed-mean": AggregatorSpec(per_client=True),
+}
+"""Run-config name -> :class:`AggregatorSpec`."""
 
 
 def get_aggregator(name: str) -> Aggregator:

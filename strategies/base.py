@@ -1,17 +1,24 @@
 """`FederatedStrategy`: the Flower shell around a server update rule.
 
 The shell samples clients, ships the global weights, decodes and validates every reply, and
-hands the accepted payloads to the pure pieces: an aggregator (`strategies.aggregators`) and a
+hands the accepted updates to the pure pieces: an aggregator (`strategies.aggregators`) and a
 server optimizer (`strategies.optimizers`). It keeps the round's bookkeeping (results,
 failures, rejected updates, bytes, seconds, metrics) and reports each finished round to its
 observers, which write metrics, plots and checkpoints. It implements the legacy
 `flwr.server.strategy.Strategy` API, the one `NumPyClient` talks to in Flower 1.42.
 
-Payload kinds. A client sends, per `RuleSpec.client_mode` and the run's ``send-delta``:
+Payload kinds and the one representation. A client sends, per `RuleSpec.payload_kind`:
 ``weights`` (w_i), ``delta`` (u_i = w_i - w) or ``gradient`` (FedSGD, the gradient g_i at w).
-The aggregate A of the payloads gives the pseudo-gradient g handed to the server optimizer:
-``weights``: g = w - A; ``delta``: g = -A; ``gradient``: g = A. Aggregators are translation
-equivariant (mean, median, trimmed mean, Krum), so aggregating weights or updates agrees.
+Decoding turns every payload into an update, once: u_i = w_i - w, u_i as sent, or u_i = -g_i.
+Hooks and aggregators see updates (`strategies.hooks.ClientUpdate`); the aggregate U gives the
+pseudo-gradient g = -U that the server optimizer steps on (w - lr g = w + lr U: with lr = 1 the
+sgd optimizer sets w to the average of the clients' models; FedSGD's g is the mean gradient).
+Aggregators are translation equivariant (mean, median, trimmed mean, Krum), so this is what
+aggregating the weights gives. The uncompressed mean averages the received bytes in place and
+converts the one mean (mean_i(w_i) - w = mean_i(w_i - w)), so no per-client update is materialised.
+
+Composition. Behaviour such as differential privacy comes in as hooks (`StrategyHook`), passed
+to the constructor with the observers; secure aggregation is the ``preaggregated`` mode.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from flwr.common import (
@@ -40,9 +47,10 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from strategies import RuleSpec, get_rule
+from strategies import get_rule
 from strategies.aggregators import AggregatorParams, fednova_combine, get_aggregator
 from strategies.compression import CompressionConfig, decompress
+from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
 from strategies.serde import views
@@ -50,6 +58,7 @@ from strategies.streaming import StreamingMean, blocked_weighted_mean
 from strategies.validation import check_update
 
 NDArrays = list[np.ndarray]
+_STATE_KEYS = ("round", "weights", "optimizer", "scaffold")  # the shell's own entries of state_dict
 EvaluateFn = Callable[[NDArrays], tuple[float, dict[str, Scalar]]]
 
 
@@ -68,40 +77,9 @@ class StrategyOptions:
     min_available_clients: int = 2
     client_wait_timeout: float = 120.0
     max_failure_fraction: float = 0.5
-    proximal_mu: float = 0.0
     seed: int = 0
     send_delta: bool = False
     compression: CompressionConfig = field(default_factory=CompressionConfig)
-    # Secure aggregation (SecAgg+): every result carries the same payload, the protocol's
-    # example-weighted mean of all clients' payloads; it is used once, as the aggregate.
-    preaggregated: bool = False
-
-
-@dataclass
-class RoundRecord:
-    """One row of `metrics.csv`."""
-
-    round: int
-    central_loss: float = math.nan
-    central_accuracy: float = math.nan
-    federated_loss: float = math.nan
-    federated_accuracy: float = math.nan
-    train_loss: float = math.nan
-    train_accuracy: float = math.nan
-    clients_sampled: int = 0
-    results: int = 0
-    failures: int = 0
-    rejected: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-    updated: bool = False
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def as_row(self) -> dict[str, Any]:
-        row = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        row.update(self.extra)
-        return row
 
 
 class RoundObserver(Protocol):
@@ -111,7 +89,7 @@ class RoundObserver(Protocol):
 # Metrics are aggregated by what they mean: counts add up, budgets take the maximum,
 # everything else (losses, accuracies) is an example-weighted mean.
 def metric_reducer(name: str) -> str:
-    if name.startswith("num_") or name.endswith("_bytes") or name.endswith("_count"):
+    if name.startswith("num_") or name.endswith(("_bytes", "_count")):
         return "sum"
     if name.startswith("epsilon") or name.endswith("_max"):
         return "max"
@@ -135,12 +113,6 @@ def aggregate_metrics(replies: Sequence[tuple[int, Mapping[str, Scalar]]]) -> di
     return out
 
 
-def payload_kind(rule: RuleSpec, send_delta: bool) -> str:
-    if rule.client_mode == "gradient":
-        return "gradient"
-    return "delta" if send_delta else "weights"
-
-
 class FederatedStrategy(Strategy):
     """A `flwr.server.strategy.Strategy` that runs any registered rule.
 
@@ -152,6 +124,10 @@ class FederatedStrategy(Strategy):
         evaluate_fn: centralized evaluation of a set of weights on held-out data.
         observers: called with each finished round's record.
         start_round: rounds already done (resume); Flower's round numbers restart at 1.
+        hooks: behaviour run inside every round, in this order (`StrategyHook`).
+        preaggregated: secure aggregation (SecAgg+): every result holds the same payload, the
+            protocol's example-weighted mean of all clients' payloads, which is used once as the
+            aggregate.
     """
 
     def __init__(
@@ -162,13 +138,15 @@ class FederatedStrategy(Strategy):
         evaluate_fn: EvaluateFn | None = None,
         observers: Sequence[RoundObserver] = (),
         start_round: int = 0,
+        hooks: Sequence[StrategyHook] = (),
+        preaggregated: bool = False,
     ) -> None:
         super().__init__()
         if len(trainable) != len(initial_weights):
             raise ValueError("trainable must have one flag per weight array")
         self.options = options
         self.rule = get_rule(options.rule)
-        self.kind = payload_kind(self.rule, options.send_delta)
+        self.kind = self.rule.payload_kind(options.send_delta)
         self.aggregate_fn = get_aggregator(options.aggregator)
         self.optimizer = get_server_optimizer(self.rule.server_optimizer, options.optimizer)
         self.weights: NDArrays = [np.asarray(w, dtype=np.float32) for w in initial_weights]
@@ -177,6 +155,11 @@ class FederatedStrategy(Strategy):
         self.evaluate_fn = evaluate_fn
         self.observers = list(observers)
         self.start_round = start_round
+        self.hooks = tuple(hooks)
+        self.preaggregated = preaggregated
+        names = [h.name for h in self.hooks]
+        if len(set(names)) != len(names) or set(names) & set(_STATE_KEYS):
+            raise ValueError(f"hook names {names} must be distinct and differ from the strategy's own state keys {_STATE_KEYS}")
         self.opt_state = self.optimizer.init(self.weights, self.trainable)
         self.scaffold_state: ScaffoldState | None = (
             scaffold_init(self._trainable_part(self.weights)) if self.rule.scaffold else None
@@ -184,22 +167,22 @@ class FederatedStrategy(Strategy):
         self._record: RoundRecord | None = None
         self._round_start = 0.0
         self._num_available = 0
+        self._skipped_round = -1  # a round a hook called off in configure_fit
         # Per client: what it reported of its data (data_* metrics), for partitions.csv.
         self.data_summary: dict[str, dict[str, Scalar]] = {}
-        # Called with the round's accepted updates right before aggregation; returns the updates
-        # to aggregate (an empty list leaves the model unchanged). Central DP clips and noises
-        # here (flower_app/privacy.py).
-        self.update_hook: Callable[[RoundRecord, list[_Update]], list[_Update]] | None = None
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs besides the config: weights and rule state."""
-        return {
+        """Everything a resumed run needs besides the config: weights, rule state and the hooks' state."""
+        state = {
             "round": self.current_round,
             "weights": [w.copy() for w in self.weights],
             "optimizer": self.opt_state.state_dict(),
             "scaffold": self.scaffold_state.state_dict() if self.scaffold_state is not None else None,
         }
+        for hook in self.hooks:
+            state[hook.name] = hook.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         weights = [np.asarray(w, dtype=np.float32) for w in state["weights"]]
@@ -213,6 +196,8 @@ class FederatedStrategy(Strategy):
             if state.get("scaffold") is None:
                 raise ValueError("checkpoint has no SCAFFOLD control variate but the strategy is 'scaffold'")
             self.scaffold_state = ScaffoldState.load_state_dict(state["scaffold"], template=self.scaffold_state)
+        for hook in self.hooks:
+            hook.load_state_dict(state.get(hook.name))
 
     @property
     def current_round(self) -> int:
@@ -229,13 +214,16 @@ class FederatedStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=rnd)
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
+        config: dict[str, Scalar] = {"server-round": rnd}
+        for hook in self.hooks:
+            extra = hook.fit_config(rnd, self._num_available, len(clients))
+            if extra is None:
+                self._skipped_round = rnd
+                return []
+            config.update(extra)
         if self.rule.scaffold:
             assert self.scaffold_state is not None
             parameters = ndarrays_to_parameters(self.weights + self.scaffold_state.control)
-        config: dict[str, Scalar] = {
-            "server-round": rnd,
-            "proximal-mu": self.options.proximal_mu if self.rule.proximal else 0.0,
-        }
         self._record.clients_sampled = len(clients)
         self._record.bytes_sent += _nbytes(parameters) * len(clients)
         self._record.extra["bytes_sent_per_client"] = _nbytes(parameters)  # the model each sampled client gets
@@ -249,45 +237,14 @@ class FederatedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         record = self._ensure_record(server_round)
-        record.results, record.failures = len(results), len(failures)
-        for failure in failures:
-            log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
-        record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
-        if results:  # the mean upload of one client (updates, compressed or not, plus any extras)
-            record.extra["bytes_received_per_client"] = sum(_nbytes(res.parameters) for _, res in results) / len(results)
-        lazy = self._lazy_mean()
-        accepted = self._accept(record, results, decode=not lazy)
-        combined = self._mean_of(record, accepted) if lazy and accepted else None
-        if lazy:
-            accepted = [u for u in accepted if not u.rejected]
-        bad = len(failures) + record.rejected
-        attempted = len(results) + len(failures)
-        if not accepted:
-            log(WARNING, "round %d: no usable client update; the global model is unchanged", record.round)
-            return None, {}
-        if attempted and bad / attempted > self.options.max_failure_fraction:
-            log(
-                WARNING,
-                "round %d: %d of %d clients failed or were rejected (more than max-failure-fraction %.2f); "
-                "the global model is unchanged",
-                record.round, bad, attempted, self.options.max_failure_fraction,
-            )
-            return None, {}
-        for u in accepted:
-            data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
-            if data:
-                self.data_summary[u.cid] = {"client": u.cid, **data}
-        if self.update_hook is not None:
-            accepted = self.update_hook(record, accepted)
-            if not accepted:
-                return None, {}
-        self._apply(accepted, combined)
-        record.updated = True
-        fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
-        record.train_loss = fit_metrics.pop("train_loss", math.nan)
-        record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
-        record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})
-        return ndarrays_to_parameters(self.weights), {k: v for k, v in fit_metrics.items()}
+        if self.preaggregated:
+            failures = _distinct_failures(failures)
+        for hook in self.hooks:
+            results, failures = hook.preprocess(results, failures)
+        parameters, metrics = self._aggregate(record, results, failures)
+        for hook in self.hooks:
+            hook.after_fit(record)
+        return parameters, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if self.evaluate_fn is None:
@@ -308,7 +265,7 @@ class FederatedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         record = self._ensure_record(server_round)
         clients: list[ClientProxy] = []
-        if self.options.fraction_evaluate > 0:
+        if self.options.fraction_evaluate > 0 and record.round != self._skipped_round:
             clients = self._sample(
                 client_manager, record.round, "evaluate", self.options.fraction_evaluate, self.options.min_evaluate_clients
             )
@@ -339,6 +296,51 @@ class FederatedStrategy(Strategy):
         return loss, dict[str, Scalar](metrics)
 
     # -------------------------------------------------------------------------- internals
+    def _aggregate(
+        self, record: RoundRecord, results: FitResults, failures: FitFailures
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Validate and decode the replies, aggregate the updates and take the server step."""
+        record.results, record.failures = len(results), len(failures)
+        for failure in failures:
+            log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
+        record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
+        if results:  # the mean upload of one client (updates, compressed or not, plus any extras)
+            record.extra["bytes_received_per_client"] = sum(_nbytes(res.parameters) for _, res in results) / len(results)
+        lazy = self._lazy_mean()
+        accepted, wires = self._accept(record, results, decode=not lazy)
+        combined = self._mean_of(record, accepted, wires) if lazy and accepted else None
+        if lazy:
+            accepted = [u for u, wire in zip(accepted, wires) if wire is not None]
+        bad = len(failures) + record.rejected
+        attempted = len(results) + len(failures)
+        if not accepted:
+            log(WARNING, "round %d: no usable client update; the global model is unchanged", record.round)
+            return None, {}
+        if attempted and bad / attempted > self.options.max_failure_fraction:
+            log(
+                WARNING,
+                "round %d: %d of %d clients failed or were rejected (more than max-failure-fraction %.2f); "
+                "the global model is unchanged",
+                record.round, bad, attempted, self.options.max_failure_fraction,
+            )
+            return None, {}
+        for u in accepted:
+            data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
+            if data:
+                self.data_summary[u.cid] = {"client": u.cid, **data}
+        for hook in self.hooks:
+            if hook.reads_updates:
+                accepted = hook.process_updates(record, accepted)
+                if not accepted:
+                    return None, {}
+        self._apply(accepted, combined)
+        record.updated = True
+        fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
+        record.train_loss = fit_metrics.pop("train_loss", math.nan)
+        record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
+        record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})
+        return ndarrays_to_parameters(self.weights), {k: v for k, v in fit_metrics.items()}
+
     def _ensure_record(self, server_round: int) -> RoundRecord:
         rnd = server_round + self.start_round
         if self._record is None or self._record.round != rnd:
@@ -361,6 +363,8 @@ class FederatedStrategy(Strategy):
         self._notify(record)
 
     def _notify(self, record: RoundRecord) -> None:
+        for hook in self.hooks:
+            hook.end_round(record)
         for observer in self.observers:
             observer(record, self)
 
@@ -404,23 +408,48 @@ class FederatedStrategy(Strategy):
         return (
             self.options.aggregator == "mean"
             and not self.rule.fednova
-            and not self.options.preaggregated
-            and self.update_hook is None
+            and not self.preaggregated
+            and not any(hook.reads_updates for hook in self.hooks)
         )
 
     def _reject(self, record: RoundRecord, cid: str, reason: str) -> None:
         record.rejected += 1
         log(WARNING, "round %d: rejected update from client %s: %s", record.round, cid, reason)
 
-    def _accept(self, record: RoundRecord, results: list[tuple[ClientProxy, FitRes]], decode: bool) -> list[_Update]:
+    def _decode(self, wire: NDArrays) -> NDArrays:
+        """A payload as float32 arrays of the model's shapes (checked by the codec)."""
+        if self.preaggregated:  # SecAgg+ dequantizes to float64; the model travels as float32
+            wire = [w.astype(np.float32) if w.dtype == np.float64 else w for w in wire]
+        return decompress(wire, self.shapes, self.options.compression)
+
+    def _to_update(self, payload: NDArrays) -> NDArrays:
+        """The update u = w_i - w that a decoded payload (or a mean of payloads) stands for.
+
+        weights w_i: u = w_i - w; delta: u as sent; gradient g: u = -g. Written over ``payload``
+        where it is a fresh array (decoded from a codec, or a mean); received bytes are read-only.
+        """
+        if self.kind == "delta":
+            return payload
+        out: NDArrays = []
+        for p, w in zip(payload, self.weights):
+            target = p if p.flags.writeable else None
+            out.append(np.subtract(p, w, out=target) if self.kind == "weights" else np.negative(p, out=target))
+        return out
+
+    def _accept(
+        self, record: RoundRecord, results: FitResults, decode: bool
+    ) -> tuple[list[ClientUpdate], list[NDArrays | None]]:
         """Check each result; rejected ones are logged and left out.
 
-        With ``decode``, every payload is decoded and fully checked now. Without it only what needs
-        no pass over the data is checked (counts, SCAFFOLD extras, FedNova's steps); `_mean_of`
-        decodes and checks the rest while it averages.
+        With ``decode``, every payload is decoded, fully checked and turned into an update now.
+        Without it only what needs no pass over the data is checked (counts, SCAFFOLD extras,
+        FedNova's steps); `_mean_of` decodes and checks the rest while it averages the payloads
+        (returned beside the updates, as received).
         """
-        accepted: list[_Update] = []
+        accepted: list[ClientUpdate] = []
+        wires: list[NDArrays | None] = []
         control_shapes = [s for s, t in zip(self.shapes, self.trainable) if t]
+        shared: NDArrays | None = None  # preaggregated: the one aggregate, decoded once
         for proxy, res in results:
             try:
                 wire, extras = self._split(res)
@@ -429,114 +458,113 @@ class FederatedStrategy(Strategy):
                     reason = check_update(extras, control_shapes, res.num_examples)
                     reason = f"control variate: {reason}" if reason else None
                 steps = res.metrics.get("local_steps", 0)
-                if reason is None and self.rule.fednova and not (isinstance(steps, int) and steps > 0):
-                    reason = f"fednova needs a positive integer metric local_steps, got {steps!r}"
-                arrays: NDArrays = []
-                if reason is None and decode:
-                    arrays = decompress(wire, self.shapes, self.options.compression)
-                    reason = check_update(arrays, self.shapes, res.num_examples)
+                if reason is None and self.rule.reports_local_steps and not (isinstance(steps, int) and steps > 0):
+                    reason = f"{self.rule.name} needs a positive integer metric local_steps, got {steps!r}"
+                update: NDArrays = []
+                if reason is None and decode and shared is not None:
+                    update = shared
+                elif reason is None and decode:
+                    payload = self._decode(wire)
+                    reason = check_update(payload, self.shapes, res.num_examples)
+                    update = self._to_update(payload) if reason is None else []
+                    shared = update if self.preaggregated and reason is None else None
             except ValueError as err:
                 reason = str(err)
             if reason is not None:
                 self._reject(record, proxy.cid, reason)
                 continue
-            accepted.append(_Update(proxy.cid, arrays, extras, int(res.num_examples), dict(res.metrics), wire))
-        return accepted
+            accepted.append(ClientUpdate(proxy.cid, update, extras, int(res.num_examples), dict(res.metrics)))
+            wires.append(None if decode else wire)
+        return accepted, wires
 
-    def _mean_of(self, record: RoundRecord, updates: list[_Update]) -> NDArrays | None:
-        """The example-weighted mean of the payloads, rejecting (marking) bad ones on the way.
+    def _mean_of(self, record: RoundRecord, updates: list[ClientUpdate], wires: list[NDArrays | None]) -> NDArrays | None:
+        """The example-weighted mean update, rejecting bad payloads on the way (their wire becomes None).
 
         Uncompressed payloads are zero-copy views of the received bytes: they are averaged by
         `blocked_weighted_mean`, which reads each once and reports non-finite clients. Compressed
-        payloads are decoded, checked and added one at a time, so one decoded update is alive.
+        payloads are decoded, checked and added one at a time, so one decoded payload is alive.
+        The mean of the payloads is turned into the mean update once, at the end.
         """
         codec = self.options.compression
         if codec.codec == "none":
-            for u in updates:
+            live: list[int] = []
+            for i, (u, wire) in enumerate(zip(updates, wires)):
+                assert wire is not None
                 # Uncompressed float32 payloads are used as received (reshaped views; the codec sends
                 # tensors flat); finiteness is checked inside the mean's single pass.
-                reason = _check_flat_float32(u.wire, self.shapes)
-                if reason is None:
-                    u.arrays = [w.reshape(shape) for w, shape in zip(u.wire, self.shapes)]
+                reason = _check_flat_float32(wire, self.shapes)
                 if reason is not None:
-                    u.rejected = True
+                    wires[i] = None
                     self._reject(record, u.cid, reason)
+                    continue
+                wires[i] = [w.reshape(shape) for w, shape in zip(wire, self.shapes)]
+                live.append(i)
             while True:
-                live = [u for u in updates if not u.rejected]
                 if not live:
                     return None
-                combined, bad = blocked_weighted_mean([u.arrays for u in live], [float(u.num_examples) for u in live])
+                combined, bad = blocked_weighted_mean(
+                    [cast(NDArrays, wires[i]) for i in live], [float(updates[i].num_examples) for i in live]
+                )
                 if not bad:
                     break
-                for i in bad:
-                    live[i].rejected = True
-                    self._reject(record, live[i].cid, "the update contains NaN or Inf")
-            for u in updates:
-                u.arrays = []
-            return combined
+                for j in bad:
+                    wires[live[j]] = None
+                    self._reject(record, updates[live[j]].cid, "the update contains NaN or Inf")
+                live = [i for i in live if wires[i] is not None]
+            return self._to_update(combined)
         mean = StreamingMean()
-        for u in updates:
+        for i, (u, wire) in enumerate(zip(updates, wires)):
             try:
-                arrays = decompress(u.wire, self.shapes, codec)
-                reason = check_update(arrays, self.shapes, u.num_examples)
+                payload = decompress(cast(NDArrays, wire), self.shapes, codec)
+                reason = check_update(payload, self.shapes, u.num_examples)
             except ValueError as err:
                 reason = str(err)
             if reason is not None:
-                u.rejected = True
+                wires[i] = None
                 self._reject(record, u.cid, reason)
                 continue
-            mean.add(arrays, u.num_examples)
-            del arrays
-        return mean.result() if mean.count else None
+            mean.add(payload, u.num_examples)
+            del payload
+        return self._to_update(mean.result()) if mean.count else None
 
-    def _apply(self, updates: list[_Update], combined: NDArrays | None = None) -> None:
-        """Aggregate the accepted payloads (unless ``combined`` is given) and take the server step."""
+    def _apply(self, updates: list[ClientUpdate], combined: NDArrays | None = None) -> None:
+        """Aggregate the accepted updates (unless ``combined``, their mean, is given) and take the server step."""
         weights = [float(u.num_examples) for u in updates]
-        if self.rule.fednova:
-            deltas = [u.arrays if self.kind == "delta" else [c - w for c, w in zip(u.arrays, self.weights)] for u in updates]
+        if combined is not None:
+            pass
+        elif self.rule.fednova:
             steps = [int(u.metrics["local_steps"]) for u in updates]
-            pseudo_grad = [-d for d in fednova_combine(deltas, weights, steps)]
+            combined = fednova_combine([u.update for u in updates], weights, steps)
+        elif self.preaggregated:
+            combined = updates[0].update  # the protocol's mean; every result holds the same one
+        elif self.options.aggregator == "mean":
+            combined, _ = blocked_weighted_mean([u.update for u in updates], weights)
         else:
-            if combined is not None:
-                pass
-            elif self.options.preaggregated:
-                combined = updates[0].arrays  # the protocol's mean; every result holds the same one
-            elif self.options.aggregator == "mean":
-                combined, _ = blocked_weighted_mean([u.arrays for u in updates], weights)
-            else:
-                combined = self.aggregate_fn([u.arrays for u in updates], weights, self.options.aggregator_params)
-            pseudo_grad = _pseudo_gradient(self.kind, self.weights, combined)
-        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, pseudo_grad, self.trainable)
+            combined = self.aggregate_fn([u.update for u in updates], weights, self.options.aggregator_params)
+        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, _negated(combined), self.trainable)
         if self.scaffold_state is not None:
             self.scaffold_state = scaffold_update_control(
                 self.scaffold_state, [u.extras for u in updates], max(self._num_available, len(updates))
             )
 
 
-@dataclass
-class _Update:
-    cid: str
-    arrays: NDArrays  # decoded float32 payload ([] until decoded)
-    extras: NDArrays  # SCAFFOLD control-variate delta
-    num_examples: int
-    metrics: dict[str, Scalar]
-    wire: NDArrays = field(default_factory=list)  # the payload as received (zero-copy views)
-    rejected: bool = False
+def _negated(update: NDArrays) -> NDArrays:
+    """The pseudo-gradient g = -U of a mean update U, written over U where it is a fresh array."""
+    out = [np.asarray(u, dtype=np.float32) for u in update]
+    return [np.negative(o, out=o if o.flags.writeable else None) for o in out]
 
 
-def _pseudo_gradient(kind: str, weights: NDArrays, combined: NDArrays) -> NDArrays:
-    """g such that the server optimizer's ``w - lr * g`` with lr = 1 reproduces averaging.
-
-    Written into ``combined`` (a fresh aggregate the caller owns) to save a model's worth of memory.
-    """
-    out = [np.asarray(c, dtype=np.float32) for c in combined]
-    out = [o if o.flags.writeable else o.copy() for o in out]
-    for w, o in zip(weights, out):
-        if kind == "weights":
-            np.subtract(w, o, out=o)
-        elif kind == "delta":
-            np.negative(o, out=o)
-    return out
+def _distinct_failures(failures: FitFailures) -> FitFailures:
+    """Flower 1.42's SecAgg+ workflow records a client lost while sending its masked vector twice
+    (once per loop over the replies, each time as a new Exception around the same error)."""
+    seen: set[int] = set()
+    distinct: FitFailures = []
+    for failure in failures:
+        key = id(failure.args[0]) if isinstance(failure, Exception) and failure.args else id(failure)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(failure)
+    return distinct
 
 
 def _check_flat_float32(wire: NDArrays, shapes: Sequence[tuple[int, ...]]) -> str | None:

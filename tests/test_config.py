@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
-from flower_app.config import AppConfig, ConfigError, parse_run_config
+from flower_app.config import (
+    AGGREGATOR_KEYS,
+    LOCAL_TRAINING_KEYS,
+    RULE_KEYS,
+    SERVER_OPTIMIZER_KEYS,
+    AppConfig,
+    ConfigError,
+    aggregator_keys,
+    parse_run_config,
+    rule_keys,
+)
+from flower_app.options import payload_kind, strategy_options, train_options
+from strategies import STRATEGIES
+from strategies.aggregators import AGGREGATOR_SPECS, AGGREGATORS
+from strategies.optimizers import OPTIMIZER_HPARAMS_USED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +103,168 @@ def test_synthetic_needs_num_partitions_so_server_and_clients_generate_the_same_
     source = server_source(cfg)
     pooled = sorted(map(tuple, torch.cat([torch.cat([p.train.x, p.val.x]) for p in parts]).tolist()))
     assert pooled == sorted(map(tuple, source.train.x.tolist()))  # the server's data is the clients' data
+
+
+# ------------------------------------------------- keys the chosen rule or aggregator does not read
+# A valid value other than the default for every rule- or aggregator-specific key.
+OTHER_VALUE: dict[str, object] = {
+    "server-learning-rate": 0.5, "server-momentum": 0.5, "server-beta1": 0.8, "server-beta2": 0.9, "server-tau": 0.01,
+    "server-bias-correction": True, "proximal-mu": 0.1, "local-epochs": 3, "learning-rate": 0.1,
+    "client-momentum": 0.5, "weight-decay": 0.001, "grad-accumulation-steps": 2, "client-optimizer": "adamw",
+    "trim-fraction": 0.1, "num-byzantine": 2, "num-selected": 3,
+}
+
+
+def test_every_rule_or_aggregator_specific_key_has_a_test_value() -> None:
+    assert set(OTHER_VALUE) == set(RULE_KEYS) | set(AGGREGATOR_KEYS)
+    defaults = AppConfig()
+    assert all(getattr(defaults, k.replace("-", "_")) != v for k, v in OTHER_VALUE.items())
+
+
+@pytest.mark.parametrize(("rule", "key"), [(r, k) for r in sorted(STRATEGIES) for k in RULE_KEYS if k not in rule_keys(r)])
+def test_a_key_the_rule_does_not_read_is_refused_naming_the_rule_and_what_it_reads(rule: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"strategy": rule, key: OTHER_VALUE[key]})
+    message = str(err.value)
+    assert message.startswith(f"{key} is set but strategy '{rule}' (server optimizer '{STRATEGIES[rule].server_optimizer}')")
+    assert f"(it reads {', '.join(rule_keys(rule))})" in message
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "key"), [(a, k) for a in sorted(AGGREGATORS) for k in AGGREGATOR_KEYS if k not in aggregator_keys(a)]
+)
+def test_a_key_the_aggregator_does_not_read_is_refused_naming_it_and_what_it_reads(aggregator: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"aggregator": aggregator, key: OTHER_VALUE[key]})
+    reads = ", ".join(aggregator_keys(aggregator)) or "none of " + ", ".join(AGGREGATOR_KEYS)
+    assert str(err.value).startswith(f"{key} is set but aggregator '{aggregator}' does not read it (it reads {reads})")
+
+
+@pytest.mark.parametrize(
+    ("rule", "key"),
+    # adamw with a rule that assumes SGD steps is refused for that reason (test_adamw_is_refused_where_the_rule_says_so).
+    [(r, k) for r in sorted(STRATEGIES) for k in rule_keys(r) if not (k == "client-optimizer" and STRATEGIES[r].adamw_conflict)],
+)
+def test_a_key_the_rule_reads_is_accepted(rule: str, key: str) -> None:
+    assert getattr(parse_run_config({"strategy": rule, key: OTHER_VALUE[key]}), key.replace("-", "_")) == OTHER_VALUE[key]
+
+
+def test_which_keys_a_rule_reads_follows_its_server_optimizer_and_properties() -> None:
+    assert rule_keys("fedavg") == ("server-learning-rate", *LOCAL_TRAINING_KEYS)
+    assert rule_keys("fedavgm") == ("server-learning-rate", "server-momentum", *LOCAL_TRAINING_KEYS)
+    assert "proximal-mu" in rule_keys("fedprox") and "proximal-mu" not in rule_keys("fedavg")
+    assert rule_keys("fedsgd") == ("server-learning-rate",)  # sends a gradient: no local training
+    assert aggregator_keys("multi-krum") == ("num-byzantine", "num-selected") and aggregator_keys("mean") == ()
+    for name, rule in STRATEGIES.items():  # the server optimizer's own table decides its keys
+        used = OPTIMIZER_HPARAMS_USED[rule.server_optimizer]
+        assert {k for f, k in SERVER_OPTIMIZER_KEYS.items() if f in used} == set(rule_keys(name)) & set(SERVER_OPTIMIZER_KEYS.values())
+
+
+def test_pyproject_defaults_are_valid_for_every_rule_and_aggregator_that_can_run_with_them() -> None:
+    table = pyproject_run_config()
+    for rule in STRATEGIES:
+        parse_run_config({**table, "strategy": rule})
+    for aggregator in AGGREGATORS:
+        parse_run_config({**table, "aggregator": aggregator})
+
+
+# ------------------------------------------- compatibility checks derived from the rules' properties
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_per_client_aggregators_are_refused_where_the_rule_says_so(rule: str) -> None:
+    spec = STRATEGIES[rule]
+    for aggregator in AGGREGATORS:
+        if not (spec.aggregator_conflict and AGGREGATOR_SPECS[aggregator].per_client):
+            parse_run_config({"strategy": rule, "aggregator": aggregator})
+            continue
+        with pytest.raises(ConfigError) as err:
+            parse_run_config({"strategy": rule, "aggregator": aggregator})
+        means = [a for a, s in AGGREGATOR_SPECS.items() if not s.per_client]
+        assert str(err.value) == (
+            f"strategy '{rule}' {spec.aggregator_conflict}; aggregator must be '{means[0]}', got '{aggregator}'"
+        )
+
+
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_adamw_is_refused_where_the_rule_says_so(rule: str) -> None:
+    spec = STRATEGIES[rule]
+    settings = {"strategy": rule, "client-optimizer": "adamw"}
+    if spec.adamw_conflict and spec.local_training:
+        with pytest.raises(ConfigError, match=rf"client-optimizer 'adamw' does not fit strategy '{rule}' \(it assumes"):
+            parse_run_config(settings)
+    elif spec.adamw_conflict:  # the rule does not train locally: it reads no client-optimizer at all
+        with pytest.raises(ConfigError, match=f"client-optimizer is set but strategy '{rule}'"):
+            parse_run_config(settings)
+    else:
+        assert parse_run_config(settings).client_optimizer == "adamw"
+
+
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_secure_aggregation_and_dp_are_refused_where_the_rule_says_so_naming_the_valid_rules(rule: str) -> None:
+    spec = STRATEGIES[rule]
+    for feature, conflict, settings in (
+        ("secure-aggregation", spec.secagg_conflict, {"secure-aggregation": True}),
+        ("dp-mode 'local'", spec.dp_conflict, {"dp-mode": "local"}),
+    ):
+        if not conflict:
+            parse_run_config({"strategy": rule, **settings})
+            continue
+        with pytest.raises(ConfigError) as err:
+            parse_run_config({"strategy": rule, **settings})
+        message = str(err.value)
+        fits = [n for n, s in STRATEGIES.items() if not (s.secagg_conflict if feature == "secure-aggregation" else s.dp_conflict)]
+        assert message.startswith(f"{feature}: strategy '{rule}' {conflict}")
+        assert message.endswith("choose one of " + ", ".join(f"'{n}'" for n in fits))
+
+
+def test_the_rules_properties_say_what_travels_and_what_is_kept() -> None:
+    scaffold, fednova, fedsgd, fedavg = (STRATEGIES[n] for n in ("scaffold", "fednova", "fedsgd", "fedavg"))
+    assert scaffold.extra_arrays and scaffold.client_state and not fedavg.extra_arrays and not fedavg.client_state
+    assert fednova.reports_local_steps and not fedavg.reports_local_steps
+    assert not fedsgd.local_training and fedsgd.payload_kind(False) == "gradient"
+    assert all(not getattr(fedavg, p) for p in ("secagg_conflict", "dp_conflict", "aggregator_conflict", "adamw_conflict"))
+
+
+def test_no_rule_name_is_written_in_flower_app() -> None:
+    """Compatibility checks read the rules' properties; only the run config's default names a rule."""
+    import ast
+
+    names = set(STRATEGIES)
+    found = []
+    for path in sorted((ROOT / "flower_app").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{path.name}:{node.lineno}: {node.value!r}")
+    assert found == [f"config.py:{_default_line()}: 'fedavg'"], found
+
+
+def _default_line() -> int:
+    lines = (ROOT / "flower_app" / "config.py").read_text().splitlines()
+    return next(i for i, line in enumerate(lines, start=1) if line.lstrip().startswith("strategy: str = _opt("))
+
+
+# ----------------------------------------------------------------- the options module
+def test_the_client_reads_its_hyper_parameters_from_its_own_run_config() -> None:
+    prox = parse_run_config({"strategy": "fedprox", "proximal-mu": 0.3, "learning-rate": 0.2, "local-epochs": 3})
+    options = train_options(prox)
+    assert (options.proximal_mu, options.learning_rate, options.epochs) == (0.3, 0.2, 3)
+    assert train_options(parse_run_config({"strategy": "fedavg"})).proximal_mu == 0.0  # the default 0.01 is not read
+
+
+def test_strategy_options_take_every_server_optimizer_and_aggregator_key() -> None:
+    cfg = parse_run_config({"strategy": "fedadam", "server-learning-rate": 0.5, "server-beta1": 0.8, "server-beta2": 0.9,
+                            "server-tau": 0.01, "server-bias-correction": True, "aggregator": "trimmed-mean",
+                            "trim-fraction": 0.1})
+    opts = strategy_options(cfg)
+    hp = opts.optimizer
+    assert (hp.learning_rate, hp.beta1, hp.beta2, hp.tau, hp.bias_correction) == (0.5, 0.8, 0.9, 0.01, True)
+    assert opts.aggregator_params.trim_fraction == 0.1
+    assert set(SERVER_OPTIMIZER_KEYS) <= {f.name for f in dataclasses.fields(type(hp))}
+
+
+def test_client_side_dp_sends_updates_whatever_send_delta_says() -> None:
+    assert payload_kind(parse_run_config({})) == "weights"
+    assert payload_kind(parse_run_config({"send-delta": True})) == "delta"
+    assert payload_kind(parse_run_config({"dp-mode": "central-client", "model": "mlp"})) == "delta"
+    assert payload_kind(parse_run_config({"dp-mode": "central-server", "model": "mlp"})) == "weights"
+    assert payload_kind(parse_run_config({"strategy": "fedsgd", "dp-mode": "local", "model": "mlp"})) == "gradient"
+    assert strategy_options(parse_run_config({"dp-mode": "local", "model": "mlp"})).send_delta

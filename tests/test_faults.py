@@ -7,15 +7,17 @@ One deployment, as README's "Deploy on one machine" starts it (insecure, `flower
     node   node-config                          what it does
     ok-a   data-path="a.csv"                    trains on its own file
     ok-b   data-path="b.csv"                    trains on its own file
-    nan    data-path="a.csv" fault="nan"        sends an update holding a NaN (test-only hook)
-    shape  data-path="b.csv" fault="shape"      sends an array of the wrong shape (test-only hook)
+    nan    data-path="a.csv" fault="nan"        sends an update holding a NaN (tests/fault_injection.py)
+    shape  data-path="b.csv" fault="shape"      sends an array of the wrong shape (tests/fault_injection.py)
     gone   data-path="missing.csv"              its file does not exist
     killed data-path="c.csv"                    SIGKILLed (with its children) mid-round 1
 
 The run must go on without hanging: round 1 ends when the SuperLink declares the killed node
 unavailable (two missed heartbeats), round 2 waits `client-wait-timeout` for the sixth node and
 goes on with five. Rejected and failed clients must not touch the model: it must equal the
-model of the same run with only ok-a and ok-b, replayed in this process.
+model of the same run with only ok-a and ok-b, replayed in this process. The run ships a copy of
+the app whose ClientApp is `tests.fault_injection.app` (the app's client, corrupting the replies
+of nodes with a `fault`); the ServerApp and everything else are the app's own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pytest
 
 from deploy.local import Process, cluster, free_port, run_config_string, write_connection
 from tests.deploy_utils import max_weight_difference, replay
+from tests.fault_injection import fault_app_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -101,7 +104,7 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyRun]:
             ])
         for name in nodes:
             group.procs[name].wait_for(r"SuperNode ID", timeout=180)
-        run = group.start("flwr-run", ["flwr", "run", str(Path(__file__).resolve().parents[1]), "local-deploy",
+        run = group.start("flwr-run", ["flwr", "run", str(fault_app_dir(work / "app")), "local-deploy",
                                        "-c", run_config_string({**config, "output-dir": str(out)}), "--stream"])
         # Kill the node (and the executor and ClientApp it started) once it holds round 1's message.
         group.procs["killed"].wait_for(r"Receiving: train message", timeout=300)

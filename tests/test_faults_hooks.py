@@ -1,5 +1,5 @@
-"""The client-side pieces the deployment fault tests rely on, checked in-process: the test-only
-fault-injection hook (node-config `fault`) and the error a node gets when its data cannot load."""
+"""The client-side pieces the deployment fault tests rely on, checked in-process: the tests'
+fault-injecting ClientApp (node-config `fault`) and the error a node gets when its data cannot load."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flwr.common import Context, RecordDict
 
-from flower_app.client_app import FAULTS, FaultInjectingClient, FlowerClient, NodeDataError, client_fn, corrupt_update
+from flower_app.client_app import FlowerClient, NodeDataError, client_fn
 from flower_app.config import parse_run_config
 from flower_app.data import client_data
 from strategies.validation import check_update
+from tests import fault_injection
+from tests.fault_injection import FAULTS, FaultInjectingClient, corrupt_update, fault_app_dir
 
 
 def _update() -> list[np.ndarray]:
@@ -44,16 +46,16 @@ def test_unknown_fault_names_the_choices() -> None:
     cfg = parse_run_config({"num-partitions": 2})
     data = client_data(cfg, {"partition-id": 0})
     with pytest.raises(ValueError, match="choose one of: " + ", ".join(FAULTS)):
-        FaultInjectingClient(cfg, data, RecordDict(), "zero")
+        FaultInjectingClient(FlowerClient(cfg, data, RecordDict()), "zero")
 
 
 def test_a_faulty_client_trains_normally_and_corrupts_only_its_reply() -> None:
     cfg = parse_run_config({"num-partitions": 2, "local-epochs": 1})
     data = client_data(cfg, {"partition-id": 0})
     honest = FlowerClient(cfg, data, RecordDict())
-    faulty = FaultInjectingClient(cfg, data, RecordDict(), "nan")
+    faulty = FaultInjectingClient(FlowerClient(cfg, data, RecordDict()), "nan")
     weights = honest.get_parameters({})
-    config = {"server-round": 1, "proximal-mu": 0.0}
+    config = {"server-round": 1}
     good, n_good, _ = honest.fit(weights, config)
     bad, n_bad, _ = faulty.fit(weights, config)
     assert n_good == n_bad
@@ -68,3 +70,15 @@ def test_a_missing_data_file_is_a_node_data_error_naming_node_and_path(tmp_path:
                       run_config={"dataset": "csv", "data-path": str(missing)})
     with pytest.raises(NodeDataError, match=rf"node 1234 cannot load its data .*FileNotFoundError: .*{missing.name}"):
         client_fn(context)
+
+
+def test_the_fault_app_corrupts_only_nodes_with_a_fault_and_is_what_the_app_copy_runs(tmp_path: Path) -> None:
+    run_config = {"num-partitions": 2, "local-epochs": 1}
+    honest = fault_injection.client_fn(Context(1, 1, {"partition-id": 0}, RecordDict(), run_config))
+    faulty = fault_injection.client_fn(Context(1, 2, {"partition-id": 0, "fault": "shape"}, RecordDict(), run_config))
+    assert isinstance(honest.numpy_client, FlowerClient)  # type: ignore[attr-defined]
+    assert isinstance(faulty.numpy_client, FaultInjectingClient)  # type: ignore[attr-defined]
+    app = fault_app_dir(tmp_path / "app")
+    assert 'clientapp = "tests.fault_injection:app"' in (app / "pyproject.toml").read_text()
+    assert 'serverapp = "flower_app.server_app:app"' in (app / "pyproject.toml").read_text()
+    assert (app / "tests" / "fault_injection.py").exists() and (app / "flower_app" / "client_app.py").exists()

@@ -18,10 +18,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from flower_app import hf_models
-from flower_app.client_app import finetune_options
 from flower_app.config import ConfigError, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.inprocess import run_rounds
+from flower_app.options import finetune_options
 from flower_app.server_app import build_strategy
 from flower_app.task import ModelInfo, build_model, get_weights, set_weights, weight_spec
 from strategies import STRATEGIES
@@ -323,8 +323,10 @@ def test_unknown_target_module_error_lists_the_linear_layers(encoder: Path) -> N
 
 @pytest.mark.parametrize("rule", sorted(STRATEGIES))
 def test_every_registered_strategy_aggregates_adapters(tmp_path: Path, encoder: Path, sentences: str, rule: str) -> None:
-    sgd_only = rule in ("fedsgd", "scaffold", "fednova")  # they assume local SGD steps
+    sgd_only = bool(STRATEGIES[rule].adamw_conflict)  # the rule assumes local SGD steps
     optimizer = {"client-optimizer": "sgd", "learning-rate": 0.05} if sgd_only else ADAMW
+    if not STRATEGIES[rule].local_training:  # a gradient rule reads no local-training key: back to the defaults
+        optimizer = {"client-momentum": 0.0, "learning-rate": 0.05}
     server = {"server-learning-rate": 0.01} if rule in ("fedadam", "fedyogi", "fedadagrad") else {}
     cfg = text_config(tmp_path, encoder, sentences, strategy=rule, **{**optimizer, **server, "num-server-rounds": 1})
     strategy, rounds = build_strategy(cfg)

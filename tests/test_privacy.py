@@ -1,4 +1,4 @@
-"""Differential privacy: clipping and noise arithmetic, the wrapper around the strategy shell,
+"""Differential privacy: clipping and noise arithmetic, the hook inside the strategy shell,
 the accountant against its reference library, checkpoints, and refused combinations."""
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant as ReferenceRdp
 from flwr.common import ndarrays_to_parameters
 
-from flower_app.config import AppConfig, ConfigError
-from flower_app.outputs import load_checkpoint, save_checkpoint
-from flower_app.privacy import (
+from flower_app.client_privacy import (
     FIT_CLIP_KEY,
     FIT_COUNT_NOISE_KEY,
     FIT_NOISE_KEY,
-    PrivateStrategy,
-    check_privacy_model,
     private_fit_report,
-    privatize_fit,
+    privatize_update,
     secagg_clipped_fraction,
-    wrap_strategy,
 )
+from flower_app.config import AppConfig, ConfigError, check_privacy_model
+from flower_app.options import privacy_options
+from flower_app.outputs import load_checkpoint, save_checkpoint
+from flower_app.server_privacy import ServerPrivacy, privacy_hooks
 from flower_app.task import WeightSpec
 from strategies.base import FederatedStrategy, StrategyOptions
 from strategies.privacy import (
@@ -50,16 +49,27 @@ def zeros() -> list[np.ndarray]:
     return [np.zeros(s, dtype=np.float32) for s in SHAPES]
 
 
-def private(cfg: AppConfig, weights: list[np.ndarray] | None = None, **options: object) -> PrivateStrategy:
+def with_privacy(cfg: AppConfig, opts: StrategyOptions, weights: list[np.ndarray], **kw: object) -> FederatedStrategy:
+    """The shell with the run's privacy hook, as `server_app.build_strategy` composes it."""
+    hooks = privacy_hooks(privacy_options(cfg), opts, cfg.num_server_rounds)
+    return FederatedStrategy(opts, weights, [True] * len(weights), hooks=hooks, **kw)  # type: ignore[arg-type]
+
+
+def dp_of(strategy: FederatedStrategy) -> ServerPrivacy:
+    hook = strategy.hooks[0]
+    assert isinstance(hook, ServerPrivacy)
+    return hook
+
+
+def private(cfg: AppConfig, weights: list[np.ndarray] | None = None, **options: object) -> FederatedStrategy:
     settings: dict[str, object] = {"min_fit_clients": 2, "min_available_clients": 2, "fraction_evaluate": 0.0, **options}
     opts = StrategyOptions(**settings)  # type: ignore[arg-type]
-    inner = FederatedStrategy(opts, weights or zeros(), [True, True])
-    wrapped = wrap_strategy(cfg, inner)
-    assert isinstance(wrapped, PrivateStrategy)
-    return wrapped
+    strategy = with_privacy(cfg, opts, weights or zeros())
+    assert isinstance(strategy.hooks[0], ServerPrivacy)
+    return strategy
 
 
-def run_round(strategy: PrivateStrategy, manager: object, payloads: list[list[np.ndarray]], n: int = 1) -> list:
+def run_round(strategy: FederatedStrategy, manager: object, payloads: list[list[np.ndarray]], n: int = 1) -> list:
     instructions = strategy.configure_fit(1, PARAMS, manager)  # type: ignore[arg-type]
     results = [(proxy, fit_res(p, n)) for (proxy, _), p in zip(instructions, payloads)]
     strategy.aggregate_fit(1, results, [])
@@ -179,15 +189,14 @@ def test_central_server_clips_every_update_and_equals_fedavg_of_the_clipped_upda
     expected = [w + sum(c[i] for c in clipped) / 3 for i, w in enumerate(w0)]
     for got, want in zip(strategy.weights, expected):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert strategy.accountant is not None and strategy.accountant.epsilon() == math.inf
+    assert dp_of(strategy).accountant is not None and dp_of(strategy).accountant.epsilon() == math.inf  # type: ignore[union-attr]
 
 
 def test_central_server_noise_std_on_the_average_is_z_c_over_m() -> None:
     shapes = [(400, 500)]
     cfg = AppConfig(dp_mode="central-server", dp_noise_multiplier=1.5, dp_clipping_norm=2.0, model="mlp")
-    inner = FederatedStrategy(StrategyOptions(min_fit_clients=4, min_available_clients=4, fraction_evaluate=0.0),
-                              [np.zeros(shapes[0], np.float32)], [True])
-    strategy = wrap_strategy(cfg, inner)
+    strategy = with_privacy(cfg, StrategyOptions(min_fit_clients=4, min_available_clients=4, fraction_evaluate=0.0),
+                            [np.zeros(shapes[0], np.float32)])
     manager, _ = client_manager(4)
     run_round(strategy, manager, [[np.zeros(shapes[0], np.float32)] for _ in range(4)])  # type: ignore[arg-type]
     noise = strategy.weights[0]
@@ -202,24 +211,24 @@ def test_adaptive_clipping_moves_the_norm_towards_the_quantile() -> None:
     manager, _ = client_manager(2)
     tiny = [np.full(s, 0.01, np.float32) for s in SHAPES]
     run_round(strategy, manager, [tiny, tiny])  # every update is below the norm: b = 1
-    assert strategy.clip_norm == pytest.approx(2.0 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-6)
+    assert dp_of(strategy).clip_norm == pytest.approx(2.0 * math.exp(-0.2 * (1.0 - 0.5)), rel=1e-6)
 
 
 # ---------------------------------------------------------------------- client-side DP
 def test_client_clips_and_noises_its_update_and_reports_weight_one() -> None:
-    cfg = AppConfig(dp_mode="central-client", model="mlp")
-    g = [np.ones(s, np.float32) for s in SHAPES]
-    local = [w + 3.0 for w in g]  # update of norm 3 * sqrt(16) = 12
-    out, extras = privatize_fit(cfg, {FIT_CLIP_KEY: 1.5, FIT_NOISE_KEY: 0.0}, local, g, np.random.default_rng(0))
+    options = privacy_options(AppConfig(dp_mode="central-client", model="mlp"))
+    update = [np.full(s, 3.0, np.float32) for s in SHAPES]  # norm 3 * sqrt(16) = 12
+    out, extras = privatize_update(options, {FIT_CLIP_KEY: 1.5, FIT_NOISE_KEY: 0.0}, update, np.random.default_rng(0))
     assert extras == []
-    assert l2_norm([o - w for o, w in zip(out, g)]) == pytest.approx(1.5, rel=1e-5)
+    assert l2_norm(out) == pytest.approx(1.5, rel=1e-5)
+    np.testing.assert_allclose(out[0], 3.0 * 1.5 / 12, rtol=1e-6)  # a scaled copy of the update
     big = [np.zeros((500, 400), np.float32)]
-    noisy, _ = privatize_fit(cfg, {FIT_CLIP_KEY: 1.0, FIT_NOISE_KEY: 0.25}, big, big, np.random.default_rng(0))
+    noisy, _ = privatize_update(options, {FIT_CLIP_KEY: 1.0, FIT_NOISE_KEY: 0.25}, big, np.random.default_rng(0))
     assert noisy[0].std() == pytest.approx(0.25, rel=0.01)
-    n, metrics = private_fit_report(cfg, out, 437, {"num_upload_bytes": 64, "train_loss": 0.3, "data_label_0": 5})
+    n, metrics = private_fit_report(options, out, 437, {"num_upload_bytes": 64, "train_loss": 0.3, "data_label_0": 5})
     assert n == 1 and metrics == {"num_upload_bytes": 64}
     with pytest.raises(ValueError, match="dp-noise-std"):
-        privatize_fit(cfg, {FIT_CLIP_KEY: 1.0}, local, g)
+        privatize_update(options, {FIT_CLIP_KEY: 1.0}, update)
 
 
 def test_client_side_clipping_with_zero_noise_equals_fedavg_of_clipped_updates() -> None:
@@ -231,7 +240,7 @@ def test_client_side_clipping_with_zero_noise_equals_fedavg_of_clipped_updates()
     assert config[FIT_CLIP_KEY] == 1.0 and config[FIT_NOISE_KEY] == 0.0
     rng = np.random.default_rng(2)
     updates = [[rng.normal(0, s, shape).astype(np.float32) for shape in SHAPES] for s in (0.1, 1.0, 2.0)]
-    sent = [privatize_fit(cfg, config, u, zeros())[0] for u in updates]
+    sent = [privatize_update(privacy_options(cfg), config, u)[0] for u in updates]
     assert all(l2_norm(s) <= 1.0 + 1e-6 for s in sent)
     results = [(proxy, fit_res(p, 1)) for (proxy, _), p in zip(instructions, sent)]
     strategy.aggregate_fit(1, results, [])
@@ -264,12 +273,12 @@ def test_adaptive_central_client_sends_and_reads_the_clipping_bit() -> None:
     assert FIT_COUNT_NOISE_KEY in config
     small = [np.full(s, 0.01, np.float32) for s in SHAPES]
     large = [np.full(s, 5.0, np.float32) for s in SHAPES]
-    sent = [privatize_fit(cfg, config, u, zeros()) for u in (small, large)]
+    sent = [privatize_update(privacy_options(cfg), config, u) for u in (small, large)]
     assert [float(e[0][0]) for _, e in sent] == pytest.approx([0.5, -0.5], abs=1e-6)  # centred bits
     results = [(proxy, fit_res(p + e, 1)) for (proxy, _), (p, e) in zip(instructions, sent)]
     params, _ = strategy.aggregate_fit(1, results, [])
     assert params is not None and len(to_arrays(params)) == len(SHAPES)
-    assert strategy.clip_norm == pytest.approx(math.exp(-0.2 * (0.5 - 0.5)))  # half unclipped = the target
+    assert dp_of(strategy).clip_norm == pytest.approx(math.exp(-0.2 * (0.5 - 0.5)))  # half unclipped = the target
 
 
 def test_local_dp_keeps_example_weights_and_noises_with_the_full_multiplier() -> None:
@@ -278,7 +287,7 @@ def test_local_dp_keeps_example_weights_and_noises_with_the_full_multiplier() ->
     manager, _ = client_manager(2)
     instructions = strategy.configure_fit(1, PARAMS, manager)  # type: ignore[arg-type]
     assert instructions[0][1].config[FIT_NOISE_KEY] == pytest.approx(1.0)
-    n, _ = private_fit_report(cfg, zeros(), 437, {"num_upload_bytes": 1})
+    n, _ = private_fit_report(privacy_options(cfg), zeros(), 437, {"num_upload_bytes": 1})
     assert n == 437
 
 
@@ -304,8 +313,9 @@ def test_target_epsilon_stops_training_before_it_is_exceeded(caplog: pytest.LogC
             else:
                 assert strategy.configure_evaluate(rnd, PARAMS, manager) == []  # type: ignore[arg-type]
     assert trained == allowed
-    assert strategy.accountant is not None and strategy.accountant.epsilon() <= 3.0
-    assert strategy.accountant.epsilon_after(2) > 3.0
+    accountant = dp_of(strategy).accountant
+    assert accountant is not None and accountant.epsilon() <= 3.0
+    assert accountant.epsilon_after(2) > 3.0
     assert any("past dp-target-epsilon 3.0000" in r.getMessage() for r in caplog.records)
 
 
@@ -313,8 +323,7 @@ def test_epsilon_goes_into_the_record_and_survives_a_checkpoint(tmp_path: Path) 
     cfg = AppConfig(dp_mode="central-server", dp_noise_multiplier=1.1, model="mlp", output_dir=str(tmp_path))
     rows: list[dict] = []
     opts = StrategyOptions(min_fit_clients=2, min_available_clients=2, fraction_evaluate=0.0)
-    inner = FederatedStrategy(opts, zeros(), [True, True], observers=[lambda rec, s: rows.append(rec.as_row())])
-    strategy = wrap_strategy(cfg, inner)
+    strategy = with_privacy(cfg, opts, zeros(), observers=[lambda rec, s: rows.append(rec.as_row())])
     manager, _ = client_manager(4)
     for rnd in (1, 2, 3):
         instructions = strategy.configure_fit(rnd, PARAMS, manager)  # type: ignore[arg-type]
@@ -328,17 +337,18 @@ def test_epsilon_goes_into_the_record_and_survives_a_checkpoint(tmp_path: Path) 
     spec = WeightSpec(("a", "b"), tuple(SHAPES), (True, True))
     save_checkpoint(tmp_path / "checkpoint.pt", cfg, spec, strategy.state_dict())
     payload = load_checkpoint(tmp_path / "checkpoint.pt", dataclasses.replace(cfg, resume=True), spec)
-    resumed = wrap_strategy(cfg, FederatedStrategy(opts, zeros(), [True, True]))
+    resumed = with_privacy(cfg, opts, zeros())
     resumed.load_state_dict(payload["strategy"])
-    assert resumed.accountant.epsilon() == pytest.approx(eps[-1], rel=1e-12)
+    accountant = dp_of(resumed).accountant
+    assert accountant is not None and accountant.epsilon() == pytest.approx(eps[-1], rel=1e-12)
     instructions = resumed.configure_fit(1, PARAMS, manager)  # type: ignore[arg-type]
     resumed.aggregate_fit(1, [(p, fit_res(zeros(), 1)) for p, _ in instructions], [])
-    assert resumed.accountant.epsilon() == pytest.approx(reference_epsilon(1.1, 1.0, 4, 1e-5), rel=1e-9)
+    assert accountant.epsilon() == pytest.approx(reference_epsilon(1.1, 1.0, 4, 1e-5), rel=1e-9)
 
     plain = FederatedStrategy(opts, zeros(), [True, True])
     plain.configure_fit(1, PARAMS, manager)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="without differential privacy"):
-        wrap_strategy(cfg, FederatedStrategy(opts, zeros(), [True, True])).load_state_dict(
+        with_privacy(cfg, opts, zeros()).load_state_dict(
             {**plain.state_dict(), "round": 3}
         )
 
@@ -358,7 +368,7 @@ def test_epsilon_goes_into_the_record_and_survives_a_checkpoint(tmp_path: Path) 
         ({"secure_aggregation": True, "secagg_num_shares": 4.0}, "secagg-num-shares: a count must be an odd integer >= 3"),
         ({"secure_aggregation": True, "secagg_num_shares": 5.0, "secagg_reconstruction_threshold": 5.0},
          "must be smaller than secagg-num-shares"),
-        ({"dp_mode": "central-server", "strategy": "scaffold"}, "control variates"),
+        ({"dp_mode": "central-server", "strategy": "scaffold"}, "also sends its control-variate update"),
         ({"dp_mode": "local", "strategy": "fednova"}, "local step count"),
         ({"dp_mode": "central-server", "aggregator": "trimmed-mean"}, "aggregator 'trimmed-mean' is not covered"),
         ({"dp_mode": "local", "dp_clipping": "adaptive"}, "dp-clipping 'adaptive'"),
@@ -388,10 +398,9 @@ def test_dp_refuses_models_with_batchnorm_buffers() -> None:
 
 
 def test_privacy_off_leaves_the_strategy_and_the_client_report_alone() -> None:
-    inner = FederatedStrategy(StrategyOptions(), zeros(), [True, True])
-    assert wrap_strategy(AppConfig(), inner) is inner
+    assert privacy_hooks(privacy_options(AppConfig()), StrategyOptions(), 20) == []
     metrics = {"num_upload_bytes": 1, "train_loss": 0.5}
-    assert private_fit_report(AppConfig(), zeros(), 7, metrics) == (7, metrics)
+    assert private_fit_report(privacy_options(AppConfig()), zeros(), 7, metrics) == (7, metrics)
 
 
 def test_secagg_clipping_is_counted_and_warned(caplog: pytest.LogCaptureFixture) -> None:
@@ -400,6 +409,6 @@ def test_secagg_clipping_is_counted_and_warned(caplog: pytest.LogCaptureFixture)
     assert secagg_clipped_fraction(arrays, 100, 100.0, 8.0) == 0.5
     assert secagg_clipped_fraction(arrays, 10, 100.0, 8.0) == 0.0  # scaled by 0.1 first
     with caplog.at_level(logging.WARNING):
-        n, metrics = private_fit_report(AppConfig(secure_aggregation=True, secagg_max_weight=100.0), arrays, 100, {})
+        n, metrics = private_fit_report(privacy_options(AppConfig(secure_aggregation=True, secagg_max_weight=100.0)), arrays, 100, {})
     assert n == 100 and metrics["secagg_clipped_fraction_max"] == 0.5
     assert any("SecAgg+ will clip 50.0000%" in r.getMessage() for r in caplog.records)

@@ -33,8 +33,8 @@ def config(tmp_path: Path, **overrides: object) -> AppConfig:
 
 def test_fedsgd_equals_fedavg_with_one_full_batch_local_step(tmp_path: Path) -> None:
     common = {"dataset": "linear", "num-samples": 300, "partitioner": "quantity-skew", "batch-size": 10_000,
-              "local-epochs": 1, "num-server-rounds": 3}
-    avg_cfg = config(tmp_path / "avg", strategy="fedavg", **{**common, "learning-rate": 0.3})
+              "num-server-rounds": 3}
+    avg_cfg = config(tmp_path / "avg", strategy="fedavg", **{**common, "learning-rate": 0.3, "local-epochs": 1})
     sgd_cfg = config(tmp_path / "sgd", strategy="fedsgd", **{**common, "server-learning-rate": 0.3})
     avg, _ = build_strategy(avg_cfg)
     sgd, _ = build_strategy(sgd_cfg)

@@ -19,8 +19,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from flower_app import client_app
 from flower_app.config import AppConfig
-from flower_app.privacy import InProcessGrid, PrivateStrategy, run_server
-from flower_app.server_app import server_fn
+from flower_app.inprocess import InProcessGrid
+from flower_app.server_app import run_server, server_fn
+from flower_app.server_privacy import ServerPrivacy
 from strategies.privacy import l2_norm
 
 # Each test trains real (small) models in-process through the whole protocol: a few seconds each.
@@ -51,14 +52,14 @@ def run(rc: dict[str, Any], drop: Callable[[Message], bool] | None = None, spy: 
         components = server_fn(context)
         captured["strategy"] = components.strategy
         if spy:
-            inner = getattr(components.strategy, "inner", components.strategy)
-            original = inner.aggregate_fit
+            strategy = components.strategy
+            original = strategy.aggregate_fit
 
             def recording(server_round: int, results: list, failures: list) -> Any:
                 seen.append([list(res.parameters.tensors) for _, res in results])
                 return original(server_round, results, failures)
 
-            inner.aggregate_fit = recording
+            strategy.aggregate_fit = recording
         return components
 
     run_server(grid, Context(1, 0, {}, RecordDict(), rc), capturing_server_fn)
@@ -80,23 +81,24 @@ def plain_and_secure(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any
 
 
 def test_secure_aggregate_equals_the_plain_aggregate_within_quantization_error(plain_and_secure: tuple) -> None:
-    plain, secure, _, _ = plain_and_secure
-    assert isinstance(secure, PrivateStrategy)
+    plain, secure, _, out = plain_and_secure
+    assert secure.preaggregated and isinstance(secure.hooks[0], ServerPrivacy)
+    assert not plain.preaggregated and plain.hooks == ()
     # SecAgg+ quantizes each weighted value to 2^22 levels over [-8, 8]: a step of 16 / 2^22 = 3.8e-6
     # per client, divided by the summed weights (n_i / 1000, about 1.15 here).
     diffs = [float(np.abs(a - b).max()) for a, b in zip(plain.weights, secure.weights)]
     assert max(diffs) < 2e-5, diffs
-    records = pd.read_csv(Path(secure.cfg.output_dir) / "metrics.csv")
+    records = pd.read_csv(out / "secure" / "metrics.csv")
     assert list(records["results"]) == [0, NUM_CLIENTS] and bool(records["updated"].iloc[-1])
     assert records["central_loss"].iloc[-1] < records["central_loss"].iloc[0]  # the model did move
 
 
 def test_the_strategy_only_ever_sees_the_aggregate(plain_and_secure: tuple) -> None:
-    _, secure, seen, _ = plain_and_secure
+    _, _, seen, out = plain_and_secure
     assert len(seen) == 1 and len(seen[0]) == NUM_CLIENTS
     first = seen[0][0]
     assert all(tensors == first for tensors in seen[0]), "every result must hold the same summed parameters"
-    records = pd.read_csv(Path(secure.cfg.output_dir) / "metrics.csv")
+    records = pd.read_csv(out / "secure" / "metrics.csv")
     assert "train_loss" in records and records["train_loss"].isna().all()  # per-client metrics stay home
     assert "fit_num_upload_bytes" in records
 

@@ -9,8 +9,9 @@ import pytest
 
 from strategies import STRATEGIES
 from strategies.aggregators import AGGREGATORS, AggregatorParams
-from strategies.base import FederatedStrategy, RoundRecord, StrategyOptions, aggregate_metrics, payload_kind
+from strategies.base import FederatedStrategy, StrategyOptions, aggregate_metrics
 from strategies.compression import CompressionConfig, compress
+from strategies.hooks import ClientUpdate, RoundRecord
 from strategies.optimizers import ServerOptHParams
 from tests.strategy_utils import client_manager, eval_res, fit_res, to_arrays
 
@@ -234,12 +235,11 @@ def test_bounded_wait_goes_on_with_whoever_is_there() -> None:
     assert short.configure_fit(1, short.initialize_parameters(manager), manager) == []  # type: ignore[arg-type]
 
 
-def test_fedprox_sends_mu_and_others_send_zero() -> None:
+@pytest.mark.parametrize("rule", sorted(STRATEGIES))
+def test_the_fit_config_carries_only_what_the_server_decides_per_round(rule: str) -> None:
+    # Hyper-parameters (proximal-mu, learning-rate, ...) reach clients through their own run config.
     manager, _ = client_manager(2)
-    prox = _fit(make("fedprox", proximal_mu=0.3), manager)  # type: ignore[arg-type]
-    avg = _fit(make("fedavg", proximal_mu=0.3), manager)  # type: ignore[arg-type]
-    assert all(ins.config["proximal-mu"] == 0.3 for _, ins in prox)
-    assert all(ins.config["proximal-mu"] == 0.0 for _, ins in avg)
+    assert all(ins.config == {"server-round": 1} for _, ins in _fit(make(rule), manager))  # type: ignore[arg-type]
 
 
 def test_scaffold_ships_the_control_variate_and_updates_it() -> None:
@@ -285,6 +285,141 @@ def test_metrics_are_aggregated_by_meaning() -> None:
 
 
 def test_payload_kinds() -> None:
-    assert payload_kind(STRATEGIES["fedsgd"], False) == "gradient"
-    assert payload_kind(STRATEGIES["fedavg"], True) == "delta"
-    assert payload_kind(STRATEGIES["fedadam"], False) == "weights"
+    assert STRATEGIES["fedsgd"].payload_kind(False) == "gradient"
+    assert STRATEGIES["fedavg"].payload_kind(True) == "delta"
+    assert STRATEGIES["fedadam"].payload_kind(False) == "weights"
+
+
+# ------------------------------------------------------------------------------------ hooks
+class ProbeHook:
+    """A `StrategyHook` that records what the shell hands it, and drops or scales updates when told to."""
+
+    def __init__(self, name: str = "probe", reads_updates: bool = True, drop: tuple[str, ...] = (),
+                 scale: float | None = None, skip: bool = False) -> None:
+        self.name, self.reads_updates, self.drop, self.scale, self.skip = name, reads_updates, drop, scale, skip
+        self.calls: list[object] = []
+        self.seen: list[ClientUpdate] = []
+        self.loaded: object = "never"
+
+    def fit_config(self, rnd: int, num_available: int, num_sampled: int) -> dict | None:
+        self.calls.append("fit_config")
+        return None if self.skip else {"probe-sampled": num_sampled}
+
+    def preprocess(self, results: list, failures: list) -> tuple[list, list]:
+        self.calls.append("preprocess")
+        return results, failures
+
+    def process_updates(self, record: RoundRecord, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        self.calls.append("process_updates")
+        self.seen = [ClientUpdate(u.cid, [a.copy() for a in u.update], u.extras, u.num_examples, dict(u.metrics)) for u in updates]
+        kept = [u for u in updates if u.cid not in self.drop]
+        if self.scale is not None:
+            for u in kept:
+                u.update = [a * np.float32(self.scale) for a in u.update]
+        return kept
+
+    def after_fit(self, record: RoundRecord) -> None:
+        self.calls.append(("after_fit", record.updated))
+
+    def end_round(self, record: RoundRecord) -> None:
+        self.calls.append("end_round")
+        record.extra["probe"] = 1.0
+
+    def state_dict(self) -> dict:
+        return {"calls": len(self.calls)}
+
+    def load_state_dict(self, state: object) -> None:
+        self.loaded = state
+
+
+def with_hook(hook: ProbeHook, rule: str = "fedavg", **kw: object) -> FederatedStrategy:
+    plain = make(rule, **kw)
+    return FederatedStrategy(plain.options, initial_weights(), TRAINABLE, hooks=[hook])
+
+
+@pytest.mark.parametrize(("rule", "send_delta"), [("fedavg", False), ("fedavg", True), ("fedsgd", False)],
+                         ids=["weights", "delta", "gradient"])
+def test_hooks_get_client_updates_u_equals_w_i_minus_w_whatever_the_clients_send(rule: str, send_delta: bool) -> None:
+    hook = ProbeHook()
+    strategy = with_hook(hook, rule, send_delta=send_delta)
+    assert strategy.kind == {("fedavg", False): "weights", ("fedavg", True): "delta", ("fedsgd", False): "gradient"}[(rule, send_delta)]
+    clients = honest_clients(3)
+    run_round(strategy, clients, [1, 2, 3])
+    assert [type(u) for u in hook.seen] == [ClientUpdate] * 3
+    for u, local, n in zip(hook.seen, clients, [1, 2, 3]):
+        assert u.num_examples == n and u.metrics["train_loss"] == 1.0
+        for got, a, w in zip(u.update, local, initial_weights()):
+            np.testing.assert_array_equal(got, a - w)  # bit for bit: -(w - a) == a - w in IEEE arithmetic
+
+
+def test_a_hook_that_drops_an_update_leaves_it_out_of_the_aggregate() -> None:
+    clients, ns = honest_clients(3), [1, 2, 3]
+    strategy = with_hook(ProbeHook(drop=("1",)))
+    params, _ = run_round(strategy, clients, ns)
+    expected, _ = run_round(make(), [clients[0], clients[2]], [1, 3])
+    for got, want in zip(to_arrays(params), to_arrays(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0])
+def test_a_hook_that_alters_the_updates_moves_the_model_by_what_it_returns(scale: float) -> None:
+    clients, ns = honest_clients(3), [1, 2, 3]
+    strategy = with_hook(ProbeHook(scale=scale))
+    params, _ = run_round(strategy, clients, ns)
+    w0 = initial_weights()
+    mean = [sum(n * (c[i] - w0[i]) for c, n in zip(clients, ns)) / sum(ns) for i in range(len(w0))]
+    for got, w, u in zip(to_arrays(params), w0, mean):
+        np.testing.assert_allclose(got, w + scale * u, rtol=1e-6, atol=1e-7)  # sgd, lr 1: w - (-U)
+    if scale == 0.0:
+        assert all(np.array_equal(a, b) for a, b in zip(to_arrays(params), w0))
+
+
+def test_hooks_run_in_order_and_an_empty_list_keeps_the_model() -> None:
+    hook = ProbeHook(drop=("0", "1"))
+    seen: list[RoundRecord] = []
+    strategy = with_hook(hook)
+    strategy.observers.append(lambda record, s: seen.append(record))
+    manager, proxies = client_manager(2)
+    instructions = strategy.configure_fit(1, strategy.initialize_parameters(manager), manager)  # type: ignore[arg-type]
+    assert all(ins.config == {"server-round": 1, "probe-sampled": 2} for _, ins in instructions)
+    params, _ = strategy.aggregate_fit(1, [(proxies[i], reply(strategy, w, 5)) for i, w in enumerate(honest_clients(2))], [])
+    assert params is None and all(np.array_equal(a, b) for a, b in zip(strategy.weights, initial_weights()))
+    strategy.configure_evaluate(1, None, manager)  # type: ignore[arg-type]
+    strategy.aggregate_evaluate(1, [], [])
+    assert hook.calls == ["fit_config", "preprocess", "process_updates", ("after_fit", False), "end_round"]
+    assert seen[-1].extra["probe"] == 1.0  # end_round runs before the observers
+
+
+def test_a_hook_can_skip_a_round_and_nobody_is_asked_to_train_or_evaluate() -> None:
+    seen: list[RoundRecord] = []
+    strategy = with_hook(ProbeHook(skip=True))
+    strategy.observers.append(lambda record, s: seen.append(record))
+    manager, _ = client_manager(3)
+    assert strategy.configure_fit(1, strategy.initialize_parameters(manager), manager) == []  # type: ignore[arg-type]
+    assert strategy.configure_evaluate(1, None, manager) == []  # type: ignore[arg-type]
+    assert [r.round for r in seen] == [1] and seen[0].clients_sampled == 0 and not seen[0].updated
+
+
+def test_a_hook_that_does_not_read_updates_keeps_the_streaming_mean() -> None:
+    hook = ProbeHook(reads_updates=False, scale=0.0)
+    clients, ns = honest_clients(3), [1, 2, 3]
+    params, _ = run_round(with_hook(hook), clients, ns)
+    expected, _ = run_round(make(), clients, ns)
+    assert "process_updates" not in hook.calls
+    assert all(np.array_equal(a, b) for a, b in zip(to_arrays(params), to_arrays(expected)))
+
+
+def test_hook_state_travels_in_the_checkpoint_under_its_name() -> None:
+    hook = ProbeHook()
+    strategy = with_hook(hook)
+    run_round(strategy, honest_clients(2), [1, 1])
+    state = strategy.state_dict()
+    assert state["probe"] == {"calls": 4}  # fit_config, preprocess, process_updates, after_fit
+    resumed_hook = ProbeHook()
+    with_hook(resumed_hook).load_state_dict(state)
+    assert resumed_hook.loaded == {"calls": 4}
+    without = ProbeHook()
+    with_hook(without).load_state_dict(make().state_dict())  # a checkpoint written without this hook
+    assert without.loaded is None
+    with pytest.raises(ValueError, match="hook names"):
+        FederatedStrategy(make().options, initial_weights(), TRAINABLE, hooks=[ProbeHook(name="weights")])

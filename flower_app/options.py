@@ -1,0 +1,180 @@
+"""The run config's one way into the code: `AppConfig` -> the typed options each part reads.
+
+server `strategy_options`, client training `train_options`, data `source_options` and
+`partition_options`, compression `compression_config`, fine-tuning `finetune_options`, privacy
+`privacy_options`, and the payload a client sends, `payload_kind`. No other module turns `AppConfig`
+fields into option objects; the ServerApp and the ClientApp both call these, so they agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import PartitionOptions, SourceOptions
+from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig
+from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
+from flower_app.task import TrainOptions
+from strategies import get_rule
+from strategies.aggregators import AggregatorParams
+from strategies.base import StrategyOptions
+from strategies.compression import CompressionConfig
+from strategies.optimizers import ServerOptHParams
+
+
+@dataclass(frozen=True)
+class PrivacyOptions:
+    """Secure aggregation and differential privacy, as `client_privacy` and `server_privacy` read them."""
+
+    secure_aggregation: bool = False
+    dp_mode: str = "none"  # none | central-server | central-client | local
+    adaptive_clipping: bool = False
+    clipping_norm: float = 1.0  # C (the initial C with adaptive clipping)
+    noise_multiplier: float = 1.0  # z
+    delta: float = 1e-5
+    target_epsilon: float = 0.0  # 0 = no limit
+    population_size: int = 0  # 0 = the clients connected in the first round
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clip_count_stddev: float = 0.0  # 0 = max(clients per round / 20, z)
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.6
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_max_weight: float = 1000.0  # 1 under central DP, where every update has weight 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.secure_aggregation or self.dp_mode != "none"
+
+    @property
+    def client_dp(self) -> bool:
+        """Clients clip and noise their own update."""
+        return self.dp_mode in ("central-client", "local")
+
+    @property
+    def central_dp(self) -> bool:
+        """The noise is calibrated to the sum of the round's updates, each of weight 1."""
+        return self.dp_mode in ("central-server", "central-client")
+
+
+def privacy_options(cfg: AppConfig) -> PrivacyOptions:
+    central = cfg.dp_mode in ("central-server", "central-client")
+    return PrivacyOptions(
+        secure_aggregation=cfg.secure_aggregation,
+        dp_mode=cfg.dp_mode,
+        adaptive_clipping=cfg.dp_clipping == "adaptive",
+        clipping_norm=cfg.dp_clipping_norm,
+        noise_multiplier=cfg.dp_noise_multiplier,
+        delta=cfg.dp_delta,
+        target_epsilon=cfg.dp_target_epsilon,
+        population_size=cfg.dp_population_size,
+        target_quantile=cfg.dp_target_quantile,
+        clip_learning_rate=cfg.dp_clip_learning_rate,
+        clip_count_stddev=cfg.dp_clip_count_stddev,
+        secagg_num_shares=cfg.secagg_num_shares,
+        secagg_reconstruction_threshold=cfg.secagg_reconstruction_threshold,
+        secagg_clipping_range=cfg.secagg_clipping_range,
+        secagg_quantization_range=cfg.secagg_quantization_range,
+        # Central DP sends every update with weight 1, so SecAgg+ then scales by 1 / 1 (no precision lost).
+        secagg_max_weight=1.0 if central else cfg.secagg_max_weight,
+    )
+
+
+def payload_kind(cfg: AppConfig) -> str:
+    """What clients send: ``gradient`` (gradient rules), ``delta`` or ``weights``.
+
+    Client-side DP clips and noises the update, so its clients send the update whatever
+    ``send-delta`` says (the server decodes every kind into an update anyway).
+    """
+    return get_rule(cfg.strategy).payload_kind(cfg.send_delta or privacy_options(cfg).client_dp)
+
+
+def strategy_options(cfg: AppConfig) -> StrategyOptions:
+    def value(key: str) -> Any:
+        return getattr(cfg, key.replace("-", "_"))
+
+    return StrategyOptions(
+        rule=cfg.strategy,
+        aggregator=cfg.aggregator,
+        aggregator_params=AggregatorParams(**{f: value(k) for f, k in AGGREGATOR_PARAM_KEYS.items()}),
+        optimizer=ServerOptHParams(**{f: value(k) for f, k in SERVER_OPTIMIZER_KEYS.items()}),
+        fraction_fit=cfg.fraction_fit,
+        min_fit_clients=cfg.min_fit_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_evaluate_clients=cfg.min_evaluate_clients,
+        min_available_clients=cfg.min_available_clients,
+        client_wait_timeout=cfg.client_wait_timeout,
+        max_failure_fraction=cfg.max_failure_fraction,
+        seed=cfg.seed,
+        send_delta=payload_kind(cfg) == "delta",
+        compression=compression_config(cfg),
+    )
+
+
+def train_options(cfg: AppConfig) -> TrainOptions:
+    """Local training; the proximal term only for rules that have one (`RuleSpec.proximal`)."""
+    return TrainOptions(
+        epochs=cfg.local_epochs,
+        learning_rate=cfg.learning_rate,
+        momentum=cfg.client_momentum,
+        weight_decay=cfg.weight_decay,
+        grad_accumulation_steps=cfg.grad_accumulation_steps,
+        proximal_mu=cfg.proximal_mu if get_rule(cfg.strategy).proximal else 0.0,
+        optimizer=cfg.client_optimizer,
+    )
+
+
+def compression_config(cfg: AppConfig) -> CompressionConfig:
+    return CompressionConfig(
+        codec=cfg.compression,
+        block_size=cfg.compression_block_size,
+        topk_fraction=cfg.topk_fraction,
+        error_feedback=cfg.error_feedback,
+    )
+
+
+def finetune_options(cfg: AppConfig, cache: bool) -> FineTuneOptions:
+    """Transformers / LoRA settings; clients cache the built model across rounds (`hf_models`)."""
+    lora = LoraOptions(
+        rank=cfg.lora_rank,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=split_names(cfg.lora_target_modules),
+        modules_to_save=split_names(cfg.lora_modules_to_save),
+    )
+    return FineTuneOptions(hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache)
+
+
+def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int | None = None) -> SourceOptions:
+    """The data source; ``path`` (a node's own file) and ``num_partitions`` (a node's count) override the run's."""
+    root = cfg.data_root or os.path.join(os.path.expanduser("~"), ".cache", "flower_app", "data")
+    return SourceOptions(
+        root=root,
+        download=cfg.download,
+        path=cfg.data_path if path is None else path,
+        label_column=cfg.label_column,
+        class_names=cfg.class_names,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        num_features=cfg.num_features,
+        synthetic_alpha=cfg.synthetic_alpha,
+        synthetic_beta=cfg.synthetic_beta,
+        num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
+        text_column=cfg.text_column,
+        tokenizer=cfg.hf_model,
+        max_length=cfg.max_length,
+    )
+
+
+def partition_options(cfg: AppConfig, num_partitions: int) -> PartitionOptions:
+    return PartitionOptions(
+        num_partitions=num_partitions,
+        seed=cfg.seed,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        classes_per_partition=cfg.classes_per_partition,
+        quantity_alpha=cfg.quantity_alpha,
+        min_partition_size=cfg.min_partition_size,
+    )
