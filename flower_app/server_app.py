@@ -16,7 +16,7 @@ from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.client_app import compression_config, finetune_options
 from flower_app.hf_models import save_pretrained
-from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
+from flower_app.outputs import RunRecorder
 from flower_app.privacy import check_privacy_model, run_server, wrap_strategy
 from flower_app.task import (
     FINETUNE_MODELS,
@@ -65,7 +65,7 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
     )
 
 
-def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
+def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[FederatedStrategy, int]:
     """The strategy for this run (restored from the checkpoint when resuming) and rounds left."""
     source = server_source(cfg)
     info = model_info(source)
@@ -90,25 +90,19 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
             return
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
 
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = load_checkpoint(Path(cfg.output_dir) / CHECKPOINT_NAME, cfg, spec)
-    start_round = int(checkpoint["round"]) if checkpoint else 0
-    recorder = RunRecorder(cfg, spec, save_model, start_round=start_round)
+    recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
     strategy = FederatedStrategy(
-        strategy_options(cfg), get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round
+        strategy_options(cfg), get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round
     )
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
     strategy = wrap_strategy(cfg, strategy)  # itself unless secure aggregation or DP is on
-    if checkpoint is not None:
-        strategy.load_state_dict(checkpoint["strategy"])
-        log(INFO, "resuming from round %d of %d (%s)", start_round, cfg.num_server_rounds, cfg.output_dir)
-    return strategy, max(cfg.num_server_rounds - start_round, 0)
+    recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
+    return strategy, recorder.rounds_left
 
 
 def server_fn(context: Context) -> ServerAppComponents:
     cfg = parse_run_config(context.run_config)
-    strategy, rounds = build_strategy(cfg)
+    strategy, rounds = build_strategy(cfg, context.run_id)
     log(INFO, "strategy %s (aggregator %s), %d rounds, dataset %s", cfg.strategy, cfg.aggregator, rounds, cfg.dataset)
     timeout = cfg.round_timeout if cfg.round_timeout > 0 else None
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))
