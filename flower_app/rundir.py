@@ -171,11 +171,12 @@ def publish_dir(staging: Path, target_dir: Path) -> list[str]:
     next writer removes); the final artifacts are then rewritten by a resume (``resume=true``).
     """
     names = []
+    target = target_dir
     try:
-        _fsync_tree(staging)
         entries = sorted(staging.iterdir(), key=lambda p: (not p.is_dir(), p.name))  # folders first, model.pt last
         for entry in entries:
             target = target_dir / entry.name
+            _fsync_tree(entry)
             if entry.is_dir():
                 old = tmp_path_for(target) if target.exists() else None
                 if old is not None:
@@ -189,8 +190,7 @@ def publish_dir(staging: Path, target_dir: Path) -> list[str]:
             names.append(entry.name)
         fsync_dir(target_dir)
     except OSError as err:
-        raise WriteError(f"could not write the final model into {target_dir}: {describe_os_error(err)}",
-                         target_dir, err.errno) from err
+        raise WriteError(f"could not write {target}: {describe_os_error(err)}", target, err.errno) from err
     return names
 
 

@@ -1,13 +1,14 @@
 """A real server process for the output tests: `build_strategy` and the in-process driver, with hooks.
 
-    python -m tests.outputs_driver CONFIG_JSON [CONFIG_JSON ...] [--round-sleep S]
+    python -m tests.outputs_driver CONFIG_JSON [CONFIG_JSON ...] [--gate PATH --gate-round N]
                                    [--hang-in NAME --hang-at N --marker PATH]
 
 Each CONFIG_JSON is a run config (over `BASE`); the configs run one after the other in this
 process and each prints one JSON line: {"ok": true} or {"ok": false, "error": type, "message": ...}.
 ``--hang-in NAME``: on the N-th time a file NAME is being written (its bytes are out, before the
 rename), write PATH and sleep, so that a test can kill this process in the middle of a write.
-``--round-sleep``: every client fit sleeps this long (to keep a run going while a test acts).
+``--gate PATH``: client fits of round N and later wait until PATH exists (to keep a run going, after
+its first checkpoints, while a test acts).
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ BASE: dict[str, Any] = {
 }
 
 
-class SlowClient(FlowerClient):
-    sleep = 0.0
+class GatedClient(FlowerClient):
+    gate: Path | None = None
+    gate_round = 1
 
     def fit(self, parameters, config):  # type: ignore[no-untyped-def]
-        time.sleep(self.sleep)
+        if self.gate is not None and int(config.get("server-round", 0)) >= self.gate_round:
+            while not self.gate.exists():
+                time.sleep(0.05)
         return super().fit(parameters, config)
 
 
@@ -59,12 +63,11 @@ def hang_in(name: str, at: int, marker: Path) -> None:
     rundir.fsync_file = fsync  # type: ignore[assignment]
 
 
-def run(settings: dict[str, Any], sleep: float) -> None:
+def run(settings: dict[str, Any]) -> None:
     cfg = parse_run_config({**BASE, **settings})
     strategy, rounds = build_strategy(cfg)
-    SlowClient.sleep = sleep
     clients = [
-        SlowClient(cfg, client_data(cfg, {"partition-id": i, "num-partitions": NUM_CLIENTS}), RecordDict())
+        GatedClient(cfg, client_data(cfg, {"partition-id": i, "num-partitions": NUM_CLIENTS}), RecordDict())
         for i in range(NUM_CLIENTS)
     ]
     run_rounds(strategy, clients, rounds)
@@ -73,17 +76,19 @@ def run(settings: dict[str, Any], sleep: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("configs", nargs="+")
-    parser.add_argument("--round-sleep", type=float, default=0.0)
+    parser.add_argument("--gate", type=Path)
+    parser.add_argument("--gate-round", type=int, default=1)
     parser.add_argument("--hang-in", default="")
     parser.add_argument("--hang-at", type=int, default=1)
     parser.add_argument("--marker", type=Path)
     args = parser.parse_args()
+    GatedClient.gate, GatedClient.gate_round = args.gate, args.gate_round
     if args.hang_in:
         hang_in(args.hang_in, args.hang_at, args.marker)
     status = 0
     for text in args.configs:
         try:
-            run(json.loads(text), args.round_sleep)
+            run(json.loads(text))
             print(json.dumps({"ok": True}), flush=True)
         except (rundir.RunDirError, rundir.CheckpointError, rundir.WriteError) as err:
             print(json.dumps({"ok": False, "error": type(err).__name__, "message": str(err)}), flush=True)
