@@ -46,6 +46,7 @@ from flower_app.rundir import (
     describe_os_error,
     latest_run,
     open_run_dir,
+    os_error_in,
     publish_dir,
     tmp_path_for,
 )
@@ -288,9 +289,10 @@ class RunRecorder:
             staging.mkdir()
             try:
                 self.save_model(strategy.weights, staging / "model.pt")
-            except (OSError, RuntimeError) as err:
-                raise WriteError(f"could not write the final model {self.dir / 'model.pt'}: {describe_os_error(err)}",
-                                 self.dir / "model.pt", getattr(err, "errno", None)) from err
+            except (OSError, RuntimeError) as err:  # safetensors and torch's writers may hide the OSError
+                cause = os_error_in(err) or err
+                raise WriteError(f"could not write the final model {self.dir / 'model.pt'}: {describe_os_error(cause)}",
+                                 self.dir / "model.pt", getattr(cause, "errno", None)) from err
             publish_dir(staging, self.dir)
         except OSError as err:
             raise WriteError(f"could not write the final model in {self.dir}: {describe_os_error(err)}",

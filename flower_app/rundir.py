@@ -67,6 +67,22 @@ def describe_os_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
+def os_error_in(err: BaseException) -> OSError | None:
+    """The `OSError` behind ``err``, if any: itself or one in its cause/context chain.
+
+    torch.save hides a failed write (ENOSPC, EFBIG) behind a RuntimeError that its zip writer raises
+    while closing; the OSError is still in the chain.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 # ------------------------------------------------------------------------------------ atomic writes
 def tmp_path_for(path: Path) -> Path:
     """A temporary name beside ``path`` that no other writer uses, recognisable as ours (``*.tmp``)."""
@@ -121,8 +137,9 @@ def _remove(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through a temporary file in the same folder, fsync, rename: all or nothing.
 
-    ``write`` gets the temporary path. Any `OSError` (a full disk, a quota) becomes a `WriteError`
-    naming ``path`` and the errno; the old ``path`` is untouched and the temporary is removed.
+    ``write`` gets the temporary path. Any `OSError` (a full disk, a quota), also one wrapped in
+    another exception, becomes a `WriteError` naming ``path`` and the errno; the old ``path`` is
+    untouched and the temporary is removed.
     """
     tmp = tmp_path_for(path)
     try:
@@ -130,8 +147,11 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
-    except OSError as err:
-        raise WriteError(f"could not write {path}: {describe_os_error(err)}", path, err.errno) from err
+    except Exception as err:
+        cause = os_error_in(err)
+        if cause is None:
+            raise
+        raise WriteError(f"could not write {path}: {describe_os_error(cause)}", path, cause.errno) from err
     finally:
         if tmp.exists():
             _remove(tmp)

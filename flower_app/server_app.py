@@ -83,12 +83,12 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
 
     def save_model(weights: list[np.ndarray], path: Path) -> None:
         set_weights(model, spec, weights)
+        state = model.state_dict()
         if save_pretrained(model, path.parent) is not None:
             # Transformers: adapter/ (or hf_model/) loads with peft / transformers; model.pt keeps what trained.
-            state = model.state_dict()
-            torch.save({k: state[k].detach().cpu() for k in spec.keys}, path)
-            return
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+            state = {k: state[k].detach() for k in spec.keys}
+        with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
+            torch.save({k: v.cpu() for k, v in state.items()}, f)
 
     recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
     strategy = FederatedStrategy(

@@ -1,20 +1,23 @@
 """A real server process for the output tests: `build_strategy` and the in-process driver, with hooks.
 
     python -m tests.outputs_driver CONFIG_JSON [CONFIG_JSON ...] [--gate PATH --gate-round N]
-                                   [--hang-in NAME --hang-at N --marker PATH]
+                                   [--hang-in NAME --hang-at N --marker PATH] [--max-file-size BYTES]
 
 Each CONFIG_JSON is a run config (over `BASE`); the configs run one after the other in this
 process and each prints one JSON line: {"ok": true} or {"ok": false, "error": type, "message": ...}.
 ``--hang-in NAME``: on the N-th time a file NAME is being written (its bytes are out, before the
 rename), write PATH and sleep, so that a test can kill this process in the middle of a write.
 ``--gate PATH``: client fits of round N and later wait until PATH exists (to keep a run going, after
-its first checkpoints, while a test acts).
+its first checkpoints, while a test acts). ``--max-file-size``: RLIMIT_FSIZE, so that writing past it
+fails in the kernel with EFBIG (SIGXFSZ ignored), like a full disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -81,7 +84,11 @@ def main() -> int:
     parser.add_argument("--hang-in", default="")
     parser.add_argument("--hang-at", type=int, default=1)
     parser.add_argument("--marker", type=Path)
+    parser.add_argument("--max-file-size", type=int, default=0)
     args = parser.parse_args()
+    if args.max_file_size:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.max_file_size, args.max_file_size))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     GatedClient.gate, GatedClient.gate_round = args.gate, args.gate_round
     if args.hang_in:
         hang_in(args.hang_in, args.hang_at, args.marker)

@@ -206,3 +206,21 @@ def test_kills_at_random_moments_never_leave_a_partial_file(tmp_path: Path) -> N
     assert results == [{"ok": True}], log[-3000:]
     assert assert_whole(folder) == last and (folder / "model.pt").exists()
     assert temporaries(folder) == [] and not (folder / LOCK_NAME).exists()
+
+
+def test_a_real_write_error_from_the_kernel_stops_the_run_naming_the_file_and_errno(tmp_path: Path) -> None:
+    # --max-file-size sets RLIMIT_FSIZE: the kernel refuses to grow any file of the driver past 300 kB
+    # (EFBIG), as a full disk refuses with ENOSPC: a real error from a real write, without root or a
+    # tiny filesystem.
+    out = tmp_path / "out"
+    # hidden-size 2048: 0.15 M parameters, a 0.6 MB checkpoint; metrics.csv and the plot stay small.
+    settings = {"output-dir": str(out), "run-name": "r", "num-server-rounds": 2, "hidden-size": 2048}
+    proc = start(tmp_path, settings, extra=("--max-file-size", "300000"))
+    results, log = finish(proc)
+    assert proc.returncode == 3 and len(results) == 1 and results[0]["error"] == "WriteError", log[-3000:]
+    message = results[0]["message"]
+    assert "checkpoint.pt" in message and "[Errno 27 EFBIG] File too large" in message, message
+    assert "The run stops here" in message and "no checkpoint was written yet" in message
+    folder = out / "r"
+    assert not (folder / CHECKPOINT_NAME).exists() and temporaries(folder) == [] and not (folder / LOCK_NAME).exists()
+    assert list(read_metrics(folder / "metrics.csv")["round"]) == [0, 1]  # what was written before stays

@@ -207,6 +207,26 @@ def test_atomic_write_leaves_the_old_file_and_no_temporary_when_the_disk_is_full
     assert target.read_bytes() == b"old" and tmp_files(tmp_path) == []
 
 
+def test_a_disk_error_hidden_behind_another_exception_is_still_named(tmp_path: Path) -> None:
+    # As torch.save does: its zip writer raises RuntimeError("unexpected pos") while closing after
+    # the write itself failed (found with a real EFBIG, tests/test_outputs_processes.py).
+    def write(tmp: Path) -> None:
+        try:
+            raise OSError(errno.EFBIG, "File too large")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3712 vs 3606") from None
+
+    with pytest.raises(WriteError, match=r"could not write .*ckpt: \[Errno 27 EFBIG\] File too large") as info:
+        atomic_write(tmp_path / "ckpt", write)
+    assert info.value.errno == errno.EFBIG and tmp_files(tmp_path) == []
+
+    def bug(tmp: Path) -> None:
+        raise RuntimeError("a bug, not the disk")
+
+    with pytest.raises(RuntimeError, match="a bug, not the disk"):  # not turned into a disk error
+        atomic_write(tmp_path / "ckpt", bug)
+
+
 def test_a_failed_fsync_counts_as_a_failed_write(tmp_path: Path, monkeypatch) -> None:
     def fsync(path: Path) -> None:
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
