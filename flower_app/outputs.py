@@ -129,6 +129,7 @@ class RunRecorder:
         self._partitions = ""
         self._last_plot = -math.inf
         self._tb: Any = None
+        self._closed = False
         if cfg.resume:
             self.run = open_run_dir(cfg.output_dir, cfg.run_name, True, self._label(), flower_run_id)
             try:
@@ -217,6 +218,9 @@ class RunRecorder:
     def __call__(self, record: Any, strategy: Any) -> None:
         if self.run is None:
             raise RuntimeError("RunRecorder.start() has not been called: the run has no folder yet")
+        if self._closed:  # the run's last round was written and its folder released
+            log.warning("round %d reported after run '%s' was closed: not recorded", record.round, self.run.name)
+            return
         self.run.lock.check()
         try:
             self._write_round(record, strategy)
@@ -304,6 +308,7 @@ class RunRecorder:
         log.info("run '%s' finished: metrics, plot, checkpoint and final model in %s", self.dir.name, self.dir)
 
     def _close(self) -> None:
+        self._closed = True
         if self._tb is not None:
             try:
                 self._tb.close()

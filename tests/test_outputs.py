@@ -22,6 +22,7 @@ from flower_app.inprocess import run_rounds
 from flower_app.outputs import CHECKPOINT_NAME, WriteError, latest_run, read_metrics
 from flower_app.rundir import LOCK_NAME, RunDirError
 from flower_app.server_app import build_strategy
+from strategies.base import RoundRecord
 from tests.test_rule_oracles import clients, config
 
 SMALL = {"model": "mlp", "hidden-size": 8, "local-epochs": 1, "num-server-rounds": 4, "run-name": "run"}
@@ -113,6 +114,15 @@ def test_an_abandoned_writer_writes_nothing_after_its_lock_is_taken(tmp_path: Pa
     with pytest.raises(RunDirError, match="was taken over by pid"):
         run_rounds(abandoned, clients(abandoned.observers[0].cfg), 1)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_round_reported_after_the_run_closed_is_not_recorded(tmp_path: Path, caplog) -> None:
+    strategy = run(tmp_path, **{"num-server-rounds": 1})
+    folder = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    strategy.observers[0](RoundRecord(round=2), strategy)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert any("round 2 reported after run 'run' was closed: not recorded" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------------------- a full disk
