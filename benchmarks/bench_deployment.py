@@ -101,9 +101,9 @@ def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path) -> P
 
 def run_setting(setting: str, rounds: int, nodes: int, work: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Run the default job in one setting; returns its metrics.csv, its phase table and a summary row."""
-    out = work / "out"
-    config: dict[str, Any] = {"num-server-rounds": rounds, "output-dir": str(out), "min-fit-clients": nodes,
-                              "min-available-clients": nodes}
+    out = work / "out"  # output-dir/<run-name>
+    config: dict[str, Any] = {"num-server-rounds": rounds, "output-dir": str(out.parent), "run-name": out.name,
+                              "min-fit-clients": nodes, "min-available-clients": nodes}
     extra_env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"} if setting == "secure-poll-0.1" else {}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

@@ -36,7 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def federated(rounds: int, clients: int, alpha: float, out: Path) -> tuple[pd.DataFrame, float]:
     cfg = parse_run_config({
-        "num-server-rounds": rounds, "dirichlet-alpha": alpha, "output-dir": str(out),
+        "num-server-rounds": rounds, "dirichlet-alpha": alpha, "output-dir": str(out), "run-name": "federated",
         "min-available-clients": clients, "min-fit-clients": clients, "min-evaluate-clients": clients,
     })
     strategy, _ = build_strategy(cfg)
@@ -45,7 +45,7 @@ def federated(rounds: int, clients: int, alpha: float, out: Path) -> tuple[pd.Da
     run_rounds(strategy, fleet, rounds)
     seconds = time.perf_counter() - start
     pooled = sum(len(c.data.train) for c in fleet)
-    frame = pd.read_csv(out / "metrics.csv")
+    frame = pd.read_csv(out / "federated" / "metrics.csv")
     frame["pooled_train_examples"] = pooled
     return frame, seconds
 
@@ -77,10 +77,10 @@ def flwr_default_job(clients: int) -> tuple[float, float]:
         home, out = Path(tmp) / "home", Path(tmp) / "out"
         home.mkdir()
         start = time.perf_counter()
-        proc = run_simulation(home, f"output-dir='{out}'", num_supernodes=clients, timeout=1800)
+        proc = run_simulation(home, f"output-dir='{out}' run-name='default'", num_supernodes=clients, timeout=1800)
         seconds = time.perf_counter() - start
         stop_processes_of(home)
-        metrics = out / "metrics.csv"
+        metrics = out / "default" / "metrics.csv"
         if not metrics.exists():
             raise RuntimeError(f"the default job wrote no metrics:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return seconds, float(pd.read_csv(metrics)["central_accuracy"].iloc[-1])

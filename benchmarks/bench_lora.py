@@ -129,7 +129,7 @@ def run_config(name: str, args: argparse.Namespace, data: str, model: Path, out:
         "fraction-evaluate": 0.0, "client-wait-timeout": 1.0, "min-partition-size": 5, "max-length": args.max_length,
         "batch-size": args.batch_size, "local-epochs": args.local_epochs, "client-optimizer": "adamw",
         "device": "cpu", "num-server-rounds": args.rounds, "test-fraction": args.test_fraction, "seed": args.seed,
-        "output-dir": str(out / name), **CONFIGS[name],
+        "output-dir": str(out), "run-name": name, **CONFIGS[name],
         "learning-rate": args.lr_full if CONFIGS[name]["lora-rank"] == 0 else args.lr_lora,
     }
     cfg = parse_run_config(overrides)

@@ -48,12 +48,12 @@ def run_app(run_config: dict[str, Any], num_clients: int) -> pd.DataFrame:
     nodes = [{"partition-id": i, "num-partitions": num_clients} for i in range(num_clients)]
     grid = InProcessGrid(client_app.app, nodes, run_config)
     run_server(grid, Context(1, 0, {}, RecordDict(), run_config), server_fn)
-    return pd.read_csv(Path(str(run_config["output-dir"])) / "metrics.csv")
+    return pd.read_csv(Path(str(run_config["output-dir"])) / str(run_config["run-name"]) / "metrics.csv")
 
 
 def config(out: Path, **overrides: Any) -> dict[str, Any]:
     rc = AppConfig().to_run_config()
-    rc.update({"output-dir": str(out), "fraction-evaluate": 0.0, "checkpoint-every": 1000})
+    rc.update({"output-dir": str(out), "run-name": "run", "fraction-evaluate": 0.0, "checkpoint-every": 1000})
     rc.update(overrides)
     return rc
 

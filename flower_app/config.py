@@ -201,8 +201,8 @@ class AppConfig:
     error_feedback: bool = _opt(True, "keep what compression dropped on the client and send it later")
     # --- run bookkeeping ---
     seed: int = _opt(42, "seed for sampling, partitioning and initialisation", min=0)
-    output_dir: str = _opt("outputs", "where metrics, plots, checkpoints and the final model go")
-    resume: bool = _opt(False, "continue from output-dir/checkpoint.pt")
+    output_dir: str = _opt("outputs", "folder of the runs: each run writes into output-dir/<run-name>/")
+    resume: bool = _opt(False, "continue run-name (or, if empty, the run with the newest checkpoint) from its checkpoint")
     checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1)
     # --- privacy: secure aggregation and differential privacy (README "Privacy") ---
     secure_aggregation: bool = _opt(False, "SecAgg+: the server only sees the sum of the client updates")
@@ -257,6 +257,11 @@ class AppConfig:
     )
     text_column: str = _opt("text", "text column of csv, tsv and jsonl files (datasets text, text-lm)")
     max_length: int = _opt(128, "tokens per example of the text datasets (longer texts are cut)", min=2)
+    # --- outputs and experiment tracking (flower_app/outputs.py; README "Outputs") ---
+    run_name: str = _opt(
+        "", "this run's folder in output-dir ('' = a new generated name, YYYYmmdd-HHMMSS-<strategy>-<dataset>)"
+    )
+    tensorboard: bool = _opt(False, "also log every metric per round for TensorBoard (needs the tracking extra)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

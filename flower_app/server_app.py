@@ -3,7 +3,7 @@ the legacy server loop, or Flower's SecAgg+ workflow when the run asks for secur
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from logging import INFO
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.hf_models import save_pretrained
 from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
-from flower_app.outputs import CHECKPOINT_NAME, RunRecorder, load_checkpoint
+from flower_app.outputs import RunRecorder
 from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
@@ -33,10 +33,27 @@ from flower_app.task import (
     set_weights,
     weight_spec,
 )
-from strategies.base import FederatedStrategy
+from strategies.base import EvaluateFn, FederatedStrategy, RoundObserver
 
 
-def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
+def make_strategy(
+    cfg: AppConfig,
+    weights: list[np.ndarray],
+    trainable: Sequence[bool],
+    evaluate_fn: EvaluateFn | None = None,
+    observers: Sequence[RoundObserver] = (),
+    start_round: int = 0,
+) -> FederatedStrategy:
+    """The strategy shell for this run config, with its hooks (privacy), around the given initial weights."""
+    options, privacy = strategy_options(cfg), privacy_options(cfg)
+    return FederatedStrategy(
+        options, weights, trainable, evaluate_fn, observers, start_round,
+        hooks=privacy_hooks(privacy, options, cfg.num_server_rounds),
+        preaggregated=privacy.secure_aggregation,  # SecAgg+ hands the strategy one aggregate
+    )
+
+
+def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[FederatedStrategy, int]:
     """The strategy for this run (restored from the checkpoint when resuming) and rounds left."""
     source = server_source(cfg)
     info = model_info(source)
@@ -54,34 +71,23 @@ def build_strategy(cfg: AppConfig) -> tuple[FederatedStrategy, int]:
 
     def save_model(weights: list[np.ndarray], path: Path) -> None:
         set_weights(model, spec, weights)
+        state = model.state_dict()
         if save_pretrained(model, path.parent) is not None:
             # Transformers: adapter/ (or hf_model/) loads with peft / transformers; model.pt keeps what trained.
-            state = model.state_dict()
-            torch.save({k: state[k].detach().cpu() for k in spec.keys}, path)
-            return
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+            state = {k: state[k].detach() for k in spec.keys}
+        with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
+            torch.save({k: v.cpu() for k, v in state.items()}, f)
 
-    checkpoint = None
-    if cfg.resume:
-        checkpoint = load_checkpoint(Path(cfg.output_dir) / CHECKPOINT_NAME, cfg, spec)
-    start_round = int(checkpoint["round"]) if checkpoint else 0
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
-    recorder = RunRecorder(cfg, spec, save_model, start_round=start_round)
-    options, privacy = strategy_options(cfg), privacy_options(cfg)
-    strategy = FederatedStrategy(
-        options, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], start_round,
-        hooks=privacy_hooks(privacy, options, cfg.num_server_rounds),
-        preaggregated=privacy.secure_aggregation,  # SecAgg+ hands the strategy one aggregate
-    )
-    if checkpoint is not None:
-        strategy.load_state_dict(checkpoint["strategy"])
-        log(INFO, "resuming from round %d of %d (%s)", start_round, cfg.num_server_rounds, cfg.output_dir)
-    return strategy, max(cfg.num_server_rounds - start_round, 0)
+    recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
+    strategy = make_strategy(cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round)
+    recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
+    return strategy, recorder.rounds_left
 
 
 def server_fn(context: Context) -> ServerAppComponents:
     cfg = parse_run_config(context.run_config)
-    strategy, rounds = build_strategy(cfg)
+    strategy, rounds = build_strategy(cfg, context.run_id)
     log(INFO, "strategy %s (aggregator %s), %d rounds, dataset %s", cfg.strategy, cfg.aggregator, rounds, cfg.dataset)
     timeout = cfg.round_timeout if cfg.round_timeout > 0 else None
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))

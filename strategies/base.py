@@ -58,7 +58,8 @@ from strategies.streaming import StreamingMean, blocked_weighted_mean
 from strategies.validation import check_update
 
 NDArrays = list[np.ndarray]
-_STATE_KEYS = ("round", "weights", "optimizer", "scaffold")  # the shell's own entries of state_dict
+CONTROL_STATE_KEY = "scaffold"  # the server control variate (rules with RuleSpec.scaffold)
+STATE_KEYS = ("round", "weights", "optimizer", CONTROL_STATE_KEY)  # the shell's own entries of state_dict
 EvaluateFn = Callable[[NDArrays], tuple[float, dict[str, Scalar]]]
 
 
@@ -158,8 +159,8 @@ class FederatedStrategy(Strategy):
         self.hooks = tuple(hooks)
         self.preaggregated = preaggregated
         names = [h.name for h in self.hooks]
-        if len(set(names)) != len(names) or set(names) & set(_STATE_KEYS):
-            raise ValueError(f"hook names {names} must be distinct and differ from the strategy's own state keys {_STATE_KEYS}")
+        if len(set(names)) != len(names) or set(names) & set(STATE_KEYS):
+            raise ValueError(f"hook names {names} must be distinct and differ from the strategy's own state keys {STATE_KEYS}")
         self.opt_state = self.optimizer.init(self.weights, self.trainable)
         self.scaffold_state: ScaffoldState | None = (
             scaffold_init(self._trainable_part(self.weights)) if self.rule.scaffold else None
@@ -178,7 +179,7 @@ class FederatedStrategy(Strategy):
             "round": self.current_round,
             "weights": [w.copy() for w in self.weights],
             "optimizer": self.opt_state.state_dict(),
-            "scaffold": self.scaffold_state.state_dict() if self.scaffold_state is not None else None,
+            CONTROL_STATE_KEY: self.scaffold_state.state_dict() if self.scaffold_state is not None else None,
         }
         for hook in self.hooks:
             state[hook.name] = hook.state_dict()
@@ -193,9 +194,9 @@ class FederatedStrategy(Strategy):
         self.start_round = int(state["round"])
         self.opt_state = type(self.opt_state).load_state_dict(state["optimizer"], template=self.opt_state)
         if self.rule.scaffold:
-            if state.get("scaffold") is None:
+            if state.get(CONTROL_STATE_KEY) is None:
                 raise ValueError("checkpoint has no SCAFFOLD control variate but the strategy is 'scaffold'")
-            self.scaffold_state = ScaffoldState.load_state_dict(state["scaffold"], template=self.scaffold_state)
+            self.scaffold_state = ScaffoldState.load_state_dict(state[CONTROL_STATE_KEY], template=self.scaffold_state)
         for hook in self.hooks:
             hook.load_state_dict(state.get(hook.name))
 

@@ -15,7 +15,8 @@ def replay(run_config: Mapping[str, bool | int | float | str], node_configs: Seq
            output_dir: Path) -> Path:
     """The same run, uninterrupted and in this process: the app's own strategy and client code
     driven by `flower_app.inprocess.run_rounds`, no SuperLink, no network. Writes its outputs
-    (metrics.csv, model.pt) to `output_dir` and returns it; a deployment must end where this does.
+    (metrics.csv, model.pt) to `output_dir`/<run-name> (default "replay") and returns that folder; a deployment
+    must end where this does.
     """
     from flwr.common import RecordDict
 
@@ -25,11 +26,11 @@ def replay(run_config: Mapping[str, bool | int | float | str], node_configs: Seq
     from flower_app.inprocess import run_rounds
     from flower_app.server_app import build_strategy
 
-    cfg = parse_run_config({**run_config, "output-dir": str(output_dir)})
+    cfg = parse_run_config({"run-name": "replay", **run_config, "output-dir": str(output_dir)})
     strategy, rounds = build_strategy(cfg)
     clients = [FlowerClient(cfg, client_data(cfg, dict(nc)), RecordDict()) for nc in node_configs]
     run_rounds(strategy, clients, rounds)
-    return output_dir
+    return output_dir / cfg.run_name
 
 
 def max_weight_difference(model_a: Path, model_b: Path) -> float:

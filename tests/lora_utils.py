@@ -98,7 +98,7 @@ def text_config(tmp_path: Path, model_dir: Path, data: str, num_clients: int = 3
         "num-partitions": num_clients, "min-available-clients": num_clients, "min-fit-clients": num_clients,
         "fraction-evaluate": 0.0, "client-wait-timeout": 1.0, "min-partition-size": 5, "max-length": 16,
         "batch-size": 8, "learning-rate": 0.1, "client-momentum": 0.9, "device": "cpu", "num-server-rounds": 3,
-        "output-dir": str(tmp_path / "out"), "test-fraction": 0.25,
+        "output-dir": str(tmp_path / "out"), "run-name": "run", "test-fraction": 0.25,
     }
     base.update(overrides)
     return parse_run_config(base)

@@ -273,8 +273,8 @@ def _nodes(fed: LocalDeployment) -> dict[str, str]:
 
 def test_a_run_survives_a_server_crash_and_resumes_to_the_uninterrupted_result(federation: LocalDeployment) -> None:
     fed, group = federation, federation.group
-    out = fed.work / "run"
-    config = {**RUN_CONFIG, "output-dir": str(out)}
+    out = fed.work / "outputs" / "run"  # output-dir/<run-name>
+    config = {**RUN_CONFIG, "output-dir": str(out.parent), "run-name": out.name}
 
     first = group.start("flwr-run-1", ["flwr", "run", str(ROOT), OPERATOR, "-c", run_config_string(config), "--stream"])
     wait_until(lambda: (out / "checkpoint.pt").exists(), timeout=400, what=f"round 1's checkpoint\n{group.logs()}")
@@ -301,7 +301,7 @@ def test_a_run_survives_a_server_crash_and_resumes_to_the_uninterrupted_result(f
     assert _runs(fed)[crashed_run].startswith("finished:stopped")
 
     resumed = run_app(group, OPERATOR, run_config_string({**config, "resume": True}), timeout=600, name="flwr-run-2")
-    assert "resuming from round 1 of 2" in resumed.text(), resumed.text()[-3000:]
+    assert "resume: run 'run' from round 1 of 2" in resumed.text(), resumed.text()[-3000:]
     frame = pd.read_csv(out / "metrics.csv")
     assert list(frame["round"]) == [0, 1, 2], group.logs()
     trained = frame[frame["round"] > 0]

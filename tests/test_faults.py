@@ -105,7 +105,8 @@ def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyRun]:
         for name in nodes:
             group.procs[name].wait_for(r"SuperNode ID", timeout=180)
         run = group.start("flwr-run", ["flwr", "run", str(fault_app_dir(work / "app")), "local-deploy",
-                                       "-c", run_config_string({**config, "output-dir": str(out)}), "--stream"])
+                                       "-c", run_config_string({**config, "output-dir": str(out.parent), "run-name": out.name}),
+                                       "--stream"])
         # Kill the node (and the executor and ClientApp it started) once it holds round 1's message.
         group.procs["killed"].wait_for(r"Receiving: train message", timeout=300)
         group.signal("killed")

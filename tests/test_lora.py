@@ -177,7 +177,7 @@ def test_federated_lora_lowers_the_loss(tmp_path: Path, encoder: Path, sentences
     cfg = text_config(tmp_path, encoder, sentences, **ADAMW, **{"local-epochs": 6, "num-server-rounds": 3})
     strategy, rounds = build_strategy(cfg)
     run_rounds(strategy, make_clients(cfg), rounds)
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    metrics = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv")
     assert list(metrics["round"]) == [0, 1, 2, 3]
     assert (metrics["results"][1:] == 3).all() and (metrics["failures"] == 0).all()
     start, end = metrics["central_loss"].iloc[0], metrics["central_loss"].iloc[-1]
@@ -198,7 +198,7 @@ def test_federated_causal_lm_each_client_with_its_own_text(tmp_path: Path, decod
     assert {6, 7} & vocab[0] and not {11, 12, 13, 14, 15, 16} & vocab[0]  # client 0 only read story 0
     strategy, rounds = build_strategy(cfg)
     run_rounds(strategy, clients, rounds)
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    metrics = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv")
     assert np.isnan(metrics["central_accuracy"]).all()
     assert metrics["central_loss"].iloc[-1] < 0.6 * metrics["central_loss"].iloc[0]
 
@@ -211,7 +211,7 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_outputs(tmp_path: Path
     cfg = text_config(tmp_path, encoder, sentences, **ADAMW, **{"local-epochs": 2, "num-server-rounds": 1})
     strategy, rounds = build_strategy(cfg)
     run_rounds(strategy, make_clients(cfg), rounds)
-    adapter = tmp_path / "out" / "adapter"
+    adapter = tmp_path / "out" / "run" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["base_model_name_or_path"] == str(encoder)
@@ -229,7 +229,7 @@ def test_saved_adapter_loads_with_peft_and_reproduces_the_outputs(tmp_path: Path
     torch.testing.assert_close(got[:, :], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter and head did change the model
     # model.pt holds only what trained (not the frozen base).
-    saved = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    saved = torch.load(tmp_path / "out" / "run" / "model.pt", weights_only=True)
     assert list(saved) == list(weight_spec(ours).keys)
 
 
@@ -272,7 +272,7 @@ def test_compressed_lora_updates_and_the_bytes_each_client_sends(
     cfg = text_config(tmp_path, encoder, sentences, **ADAMW, **{"local-epochs": 6, "num-server-rounds": 3, "compression": codec}, **extra)
     strategy, rounds = build_strategy(cfg)
     run_rounds(strategy, make_clients(cfg), rounds)
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv").set_index("round")
+    metrics = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv").set_index("round")
     shapes = [tuple(s) for s in weight_spec(_global_model(cfg, strategy.weights)).shapes]
     numel = [int(np.prod(s)) for s in shapes]
     if codec == "none":
@@ -332,7 +332,7 @@ def test_every_registered_strategy_aggregates_adapters(tmp_path: Path, encoder: 
     strategy, rounds = build_strategy(cfg)
     before = [w.copy() for w in strategy.weights]
     run_rounds(strategy, make_clients(cfg), rounds)
-    row = pd.read_csv(tmp_path / "out" / "metrics.csv").iloc[-1]
+    row = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv").iloc[-1]
     assert row["results"] == 3 and row["rejected"] == 0 and row["failures"] == 0 and bool(row["updated"])
     assert all(np.isfinite(w).all() for w in strategy.weights)
     assert any(not np.array_equal(a, b) for a, b in zip(before, strategy.weights))

@@ -31,12 +31,12 @@ def _npy(shape: int | tuple[int, ...], dtype: type) -> int:
 def test_lora_with_int8_updates_through_flwr_run(flwr_home: Path, tmp_path: Path) -> None:
     model = make_encoder(tmp_path / "encoder")
     data = write_sentences(tmp_path / "sentences", groups=3, per_group=60)
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "run"
     config = (
         f"dataset='text' data-path='{data}' hf-model='{model}' partitioner='natural' num-partitions=3 "
         "min-partition-size=5 max-length=16 batch-size=8 local-epochs=6 client-optimizer='adamw' learning-rate=0.01 "
         "lora-rank=4 send-delta=true compression='int8' num-server-rounds=3 fraction-evaluate=0.0 "
-        f"min-fit-clients=3 min-available-clients=3 test-fraction=0.25 device='cpu' output-dir='{out}'"
+        f"min-fit-clients=3 min-available-clients=3 test-fraction=0.25 device='cpu' output-dir='{out.parent}' run-name='run'"
     )
     proc = run_simulation(flwr_home, config, num_supernodes=3, timeout=600)
     metrics_path = out / "metrics.csv"

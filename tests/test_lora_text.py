@@ -142,7 +142,7 @@ def test_vit_lora_sends_adapters_and_head_only_and_learns_digits(tmp_path: Path)
         "model": "vit-lora", "lora-rank": 4, "num-partitions": 2, "min-available-clients": 2, "min-fit-clients": 2,
         "fraction-evaluate": 0.0, "client-wait-timeout": 1.0, "partitioner": "iid", "num-server-rounds": 3,
         "client-optimizer": "adamw", "learning-rate": 0.003, "local-epochs": 2, "device": "cpu",
-        "output-dir": str(tmp_path / "out"),
+        "output-dir": str(tmp_path / "out"), "run-name": "run",
     })
     clients = make_clients(cfg)
     keys = clients[0].spec.keys
@@ -150,6 +150,6 @@ def test_vit_lora_sends_adapters_and_head_only_and_learns_digits(tmp_path: Path)
     assert sum(".mlp.0.lora_A" in k for k in keys) == 4  # one adapter pair per block's first MLP layer
     strategy, rounds = build_strategy(cfg)
     run_rounds(strategy, clients, rounds)
-    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    metrics = pd.read_csv(tmp_path / "out" / "run" / "metrics.csv")
     assert metrics["central_accuracy"].iloc[-1] > metrics["central_accuracy"].iloc[0] + 0.2
-    assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "run" / "adapter" / "adapter_config.json").is_file()

@@ -31,15 +31,15 @@ def test_secure_aggregation_with_dp_in_deployment(tmp_path: Path) -> None:
             group.procs[f"supernode-{i}"].wait_for(r"SuperNode ID", timeout=180)
         write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
         config = run_config_string({
-            "num-server-rounds": 1, "output-dir": str(out), "secure-aggregation": True, "dp-mode": "central-client",
+            "num-server-rounds": 1, "output-dir": str(out), "run-name": "run", "secure-aggregation": True, "dp-mode": "central-client",
             "model": "mlp", "send-delta": True, "dp-noise-multiplier": 1.0, "fraction-evaluate": 0.0,
             "local-epochs": 1, "min-fit-clients": 3, "min-available-clients": 3, "client-wait-timeout": 120.0,
         })
         proc = run_app(group, "local-deploy", config, timeout=600)
         logs = proc.text() + group.logs()
-    assert (out / "metrics.csv").exists(), logs[-5000:]
+    assert (out / "run" / "metrics.csv").exists(), logs[-5000:]
     assert "Secure aggregation completed." in logs
-    frame = pd.read_csv(out / "metrics.csv")
+    frame = pd.read_csv(out / "run" / "metrics.csv")
     last = frame.iloc[-1]
     assert last["round"] == 1 and last["results"] == 3 and bool(last["updated"]) and last["rejected"] == 0
     reference = PrivacyAccountant(AccountingSpec("central", 1.0, 1e-5), 3)

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_secure_aggregation_with_dp_runs_accounts_and_resumes(flwr_home: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    out = tmp_path / "out" / "run"
     common = (
-        f"output-dir='{out}' secure-aggregation=true dp-mode='central-client' model='mlp' send-delta=true "
+        f"output-dir='{out.parent}' run-name='run' secure-aggregation=true dp-mode='central-client' model='mlp' send-delta=true "
         "dp-noise-multiplier=1.0 dp-clipping-norm=1.0 fraction-evaluate=0.0 local-epochs=1"
     )
     proc = run_simulation(flwr_home, f"num-server-rounds=2 {common}")

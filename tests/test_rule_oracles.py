@@ -13,6 +13,7 @@ from flower_app.client_app import FlowerClient
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import client_data
 from flower_app.inprocess import run_rounds
+from flower_app.outputs import latest_run
 from flower_app.server_app import build_strategy
 
 NUM_CLIENTS = 3
@@ -103,5 +104,5 @@ def test_four_rounds_equal_two_then_resume_for_two(tmp_path: Path, overrides: di
                 np.testing.assert_array_equal(a, b)
         else:
             assert s_state[key] == r_state[key]
-    rounds = pd.read_csv(tmp_path / "split" / "metrics.csv")["round"].tolist()
+    rounds = pd.read_csv(latest_run(tmp_path / "split") / "metrics.csv")["round"].tolist()
     assert rounds == [0, 1, 2, 3, 4]

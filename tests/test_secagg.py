@@ -33,7 +33,7 @@ NUM_CLIENTS = 3
 def base_config(out: Path, **overrides: Any) -> dict[str, Any]:
     rc = AppConfig().to_run_config()
     rc.update({
-        "num-server-rounds": 1, "output-dir": str(out), "model": "mlp", "hidden-size": 16, "local-epochs": 1,
+        "num-server-rounds": 1, "output-dir": str(out), "run-name": "run", "model": "mlp", "hidden-size": 16, "local-epochs": 1,
         "fraction-evaluate": 0.0, "num-partitions": NUM_CLIENTS, "min-fit-clients": NUM_CLIENTS,
         "min-available-clients": NUM_CLIENTS, "send-delta": True,
     })
@@ -88,7 +88,7 @@ def test_secure_aggregate_equals_the_plain_aggregate_within_quantization_error(p
     # per client, divided by the summed weights (n_i / 1000, about 1.15 here).
     diffs = [float(np.abs(a - b).max()) for a, b in zip(plain.weights, secure.weights)]
     assert max(diffs) < 2e-5, diffs
-    records = pd.read_csv(out / "secure" / "metrics.csv")
+    records = pd.read_csv(out / "secure" / "run" / "metrics.csv")
     assert list(records["results"]) == [0, NUM_CLIENTS] and bool(records["updated"].iloc[-1])
     assert records["central_loss"].iloc[-1] < records["central_loss"].iloc[0]  # the model did move
 
@@ -98,7 +98,7 @@ def test_the_strategy_only_ever_sees_the_aggregate(plain_and_secure: tuple) -> N
     assert len(seen) == 1 and len(seen[0]) == NUM_CLIENTS
     first = seen[0][0]
     assert all(tensors == first for tensors in seen[0]), "every result must hold the same summed parameters"
-    records = pd.read_csv(out / "secure" / "metrics.csv")
+    records = pd.read_csv(out / "secure" / "run" / "metrics.csv")
     assert "train_loss" in records and records["train_loss"].isna().all()  # per-client metrics stay home
     assert "fit_num_upload_bytes" in records
 
@@ -115,7 +115,7 @@ def test_a_dropout_during_the_protocol_does_not_stop_the_round(tmp_path: Path) -
     rc = {"num-partitions": 4, "min-fit-clients": 4, "min-available-clients": 4}
     secure, _ = run(base_config(tmp_path / "s", **{"secure-aggregation": True, **rc}), drop=drop_in_secagg)
     plain, _ = run(base_config(tmp_path / "p", **rc), drop=drop_in_plain)
-    records = pd.read_csv(tmp_path / "s" / "metrics.csv")
+    records = pd.read_csv(tmp_path / "s" / "run" / "metrics.csv")
     assert records["results"].iloc[-1] == 3 and records["failures"].iloc[-1] == 1
     assert bool(records["updated"].iloc[-1])
     # The survivors' masks cancel and the dropped client's are rebuilt from its shares: the
@@ -130,7 +130,7 @@ def test_too_many_dropouts_halt_the_round_and_keep_the_model(tmp_path: Path) -> 
 
     rc = base_config(tmp_path, **{"secure-aggregation": True, "secagg-reconstruction-threshold": 1.0})
     run(rc, drop=drop_two)
-    records = pd.read_csv(tmp_path / "metrics.csv")
+    records = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert not bool(records["updated"].iloc[-1])
     assert records["central_loss"].iloc[-1] == records["central_loss"].iloc[0]
 
@@ -162,5 +162,5 @@ def test_secure_aggregation_with_client_side_dp_clips_before_masking(tmp_path: P
     step = l2_norm([w - s for w, s in zip(strategy.weights, start)])
     # The mean of three updates each clipped to 0.05 has norm <= 0.05 (and SecAgg+ adds ~1e-5).
     assert 0.0 < step <= 0.05 + 1e-4
-    records = pd.read_csv(tmp_path / "metrics.csv")
+    records = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert records["epsilon"].iloc[-1] == np.inf  # no noise: no guarantee, and it says so
