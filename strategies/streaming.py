@@ -221,7 +221,7 @@ def finite_weighted_mean(
         if not bad:
             return mean, sorted(dropped)
         dropped.extend(keep[k] for k in bad)
-        keep = [i for k, i in enumerate(keep) if k not in set(bad)]
+        keep = [i for k, i in enumerate(keep) if k not in bad]
     return None, sorted(dropped)
 
 

@@ -8,6 +8,7 @@ only (no Flower).
 
 from __future__ import annotations
 
+import cmath
 import warnings
 
 import numpy as np
@@ -51,8 +52,9 @@ def all_finite(x: np.ndarray | torch.Tensor) -> bool:
 
     A finite sum implies finite values (NaN and Inf propagate through addition), and the sum is one read of the
     data with no temporary, so it is tried first; only when it is not finite (a NaN or Inf, or huge finite values
-    whose sum overflows) are the values checked one by one. Empty arrays are finite. Arrays of a dtype torch does
-    not have (e.g. ``float128``) are checked by numpy.
+    whose sum overflows) are the values checked one by one. The sum is tested as a Python number: on a small
+    block, ``torch.isfinite`` of a 0-d tensor costs several times the sum itself. Empty arrays are finite. Arrays
+    of a dtype torch does not have (e.g. ``float128``) are checked by numpy.
     """
     if isinstance(x, torch.Tensor):
         t = x
@@ -61,4 +63,4 @@ def all_finite(x: np.ndarray | torch.Tensor) -> bool:
             t = tensor_view(x, "array")
         except ValueError:
             return bool(np.isfinite(x).all())
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    return cmath.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
