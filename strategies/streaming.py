@@ -57,7 +57,7 @@ def _spans(
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """(accumulator block, each client's block) pairs covering one array; whole tensors when one block does."""
     n = target.numel()
-    if len(views) == 1 or n <= block_elements:
+    if n <= block_elements:
         yield target, views
         return
     flat_target = target.view(-1)
@@ -87,11 +87,15 @@ def _accumulate(
         reason = client_shape_error(client, shapes, first_client + k)
         if reason is not None:
             raise ValueError(reason)
+    # Blocks pay off when several inputs share the accumulator block, or when each input block is read twice
+    # (finiteness, then sum) while in cache; one client without the check is added whole.
+    blocked = len(group) > 1 or finite is not None
     for j, shape in enumerate(shapes):
         views = [tensor_view(c[j], f"client {first_client + k}, array {j}") for k, c in enumerate(group)]
         if fresh:
             acc.append(torch.empty(shape, dtype=torch.float32))
-        for block, chunks in _spans(acc[j], views, block_elements):
+        step = block_elements if blocked else max(acc[j].numel(), 1)
+        for block, chunks in _spans(acc[j], views, step):
             for k, chunk in enumerate(chunks):
                 if chunk.dtype != torch.float32:
                     chunk = chunk.to(torch.float32)
