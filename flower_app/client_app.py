@@ -32,6 +32,7 @@ from flower_app.task import (
     weight_spec,
 )
 from strategies import get_rule
+from strategies.client_rules import fedsgd_payload, scaffold_control_update, scaffold_correction
 from strategies.compression import compress, wire_nbytes
 
 CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
@@ -127,28 +128,22 @@ class FlowerClient(NumPyClient):
         """Gradients for trainable arrays; for buffers, w_global - b_local (averages them)."""
         grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device)
         local = get_weights(self.model, self.spec)
-        it = iter(grads)
-        payload = [
-            next(it).numpy() if trainable else (g - b)
-            for trainable, g, b in zip(self.spec.trainable, global_weights, local)
-        ]
-        return payload, loss
+        return fedsgd_payload(grads, global_weights, local, self.spec.trainable), loss
 
     # ----------------------------------------------------------------------- SCAFFOLD
     def _scaffold_correction(self, control: NDArrays, own: NDArrays) -> list[torch.Tensor]:
         """c - c_i per trainable parameter (Karimireddy et al. 2020, Algorithm 1 line 10)."""
-        return [torch.from_numpy(np.asarray(c, dtype=np.float32) - ci) for c, ci in zip(control, own)]
+        return scaffold_correction(control, own)
 
     def _scaffold_control_delta(
         self, start: NDArrays, end: NDArrays, control: NDArrays, own: NDArrays, steps: int
     ) -> NDArrays:
         """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr); returns c_i+ - c_i and stores c_i+."""
-        scale = 1.0 / (max(steps, 1) * self.cfg.learning_rate)
         x = [w for w, t in zip(start, self.spec.trainable) if t]
         y = [w for w, t in zip(end, self.spec.trainable) if t]
-        new_own = [ci - c + (xi - yi) * scale for ci, c, xi, yi in zip(own, control, x, y)]
-        _store(self.state, CONTROL_KEY, [a.astype(np.float32) for a in new_own])
-        return [(n - o).astype(np.float32) for n, o in zip(new_own, own)]
+        new_own, delta = scaffold_control_update(own, control, x, y, steps, self.cfg.learning_rate)
+        _store(self.state, CONTROL_KEY, new_own)
+        return delta
 
 
 class NodeDataError(RuntimeError):

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from strategies.client_rules import proximal_term
+
 if TYPE_CHECKING:
     from flower_app.hf_models import FineTuneOptions
 
@@ -263,7 +265,8 @@ def train(
 ) -> TrainResult:
     """Local SGD.
 
-    With ``options.proximal_mu > 0`` the loss gains FedProx's (mu/2)||w - w_start||^2 (Li et al. 2020).
+    With ``options.proximal_mu > 0`` the loss gains FedProx's (mu/2)||w - w_start||^2 (Li et al. 2020;
+    `strategies.client_rules.proximal_term`).
     ``control_correction`` (SCAFFOLD, Karimireddy et al. 2020) is ``c - c_i`` per trainable
     parameter, added to each gradient before the step.
     """
@@ -287,9 +290,7 @@ def train(
                 loss = criterion(out.float(), y)
             objective = loss
             if start is not None:
-                objective = objective + 0.5 * options.proximal_mu * sum(
-                    (p - s).pow(2).sum() for p, s in zip(params, start)
-                )
+                objective = objective + proximal_term(params, start, options.proximal_mu)
             (objective / accum).backward()
             total_loss += loss.item() * len(y)
             seen += len(y)

@@ -11,7 +11,8 @@ in :mod:`strategies.optimizers`.
 
 Rules:
 
-* :func:`weighted_mean`: ``sum_i n_i x_i / sum_i n_i`` (FedAvg), streaming over clients.
+* :func:`weighted_mean`: ``sum_i n_i x_i / sum_i n_i`` (FedAvg); the one implementation of the weighted mean,
+  :func:`strategies.streaming.weighted_mean`, re-exported here.
 * :func:`coordinate_median`, :func:`trimmed_mean`: coordinate-wise robust statistics (Yin et al., 2018).
 * :func:`krum` (and Multi-Krum): distance-based selection (Blanchard et al., 2017).
 * :func:`fednova_combine`: FedNova's normalized averaging for heterogeneous local step counts (Wang et al., 2020).
@@ -23,13 +24,16 @@ them up. This module depends on numpy and torch only (no Flower), so it can be t
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import numpy as np
 import torch
+
+from strategies.streaming import weighted_mean, weighted_sum
+from strategies.tensors import all_finite, float32_tensor, tensor_view
+from strategies.validation import check_same_shapes, check_weights
 
 __all__ = [
     "AGGREGATORS",
@@ -55,151 +59,14 @@ NDArrays: TypeAlias = list[np.ndarray]
 _DISTANCE_CHUNK = 1 << 18
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers (also used by strategies.optimizers and strategies.scaffold).
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
-    """Return a torch tensor sharing memory with ``x`` (a copy only when torch cannot view it).
-
-    The caller must treat the result as read-only: writing to it would write to the caller's array. Read-only
-    numpy arrays (e.g. ``np.frombuffer`` of a received message) are viewed without torch's "not writable"
-    warning, which is safe because nothing here writes through these views.
-    """
-    arr = np.asarray(x)
-    if not arr.dtype.isnative or any(stride < 0 for stride in arr.strides):
-        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
-    try:
-        if arr.flags.writeable:
-            return torch.from_numpy(arr)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-            return torch.from_numpy(arr)
-    except TypeError as err:
-        raise ValueError(f"{where}: unsupported dtype {arr.dtype}") from err
-
-
-def _float32_tensor(x: np.ndarray, where: str) -> torch.Tensor:
-    """A float32 tensor with the values of ``x``: a view when ``x`` is float32 already, else a converted copy."""
-    view = tensor_view(x, where)
-    return view if view.dtype == torch.float32 else view.to(torch.float32)
-
-
-def _check_weights(weights: Sequence[float], num_clients: int | None) -> np.ndarray:
-    """Validate client weights (non-empty, positive, finite, one per client) and return them as float64."""
-    try:
-        w = np.asarray(weights, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"weights must be a sequence of numbers, got {weights!r}") from err
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
-    if num_clients is not None and w.size != num_clients:
-        raise ValueError(f"got {num_clients} clients but {w.size} weights")
-    bad = np.flatnonzero(~np.isfinite(w) | (w <= 0))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"weights must be positive and finite; client {i} has weight {w[i]!r}")
-    return w
-
-
-def _check_same_structure(arrays: Sequence[NDArrays]) -> list[tuple[int, ...]]:
-    """Check that every client has as many arrays as client 0, with the same shapes; return those shapes."""
-    if len(arrays) == 0:
-        raise ValueError("need at least one client")
-    shapes = [tuple(np.shape(x)) for x in arrays[0]]
-    for i, client in enumerate(arrays):
-        if len(client) != len(shapes):
-            raise ValueError(f"client {i} has {len(client)} arrays; client 0 has {len(shapes)}")
-        for j, x in enumerate(client):
-            if tuple(np.shape(x)) != shapes[j]:
-                raise ValueError(
-                    f"client {i}, array {j}: shape {tuple(np.shape(x))} differs from client 0's {shapes[j]}"
-                )
-    return shapes
-
-
-def accumulate_client(acc: list[torch.Tensor], client: Sequence[np.ndarray], coef: float, index: int) -> None:
-    """Add ``coef * client`` into ``acc`` in place; an empty ``acc`` is initialised from this client.
-
-    The accumulator holds one float32 tensor per array (``acc = float32(x_0) * c_0`` for the first client,
-    then ``acc += c_i * x_i`` via ``Tensor.add_(x, alpha=c_i)``), so no weighted copy of a client is made.
-    ``index`` names the client in error messages.
-    """
-    if not acc:
-        for j, x in enumerate(client):
-            view = tensor_view(x, f"client {index}, array {j}")
-            a = torch.empty(view.shape, dtype=torch.float32)
-            a.copy_(view)  # cast first, so a float16/float64 input is scaled in float32
-            a.mul_(coef)
-            acc.append(a)
-        return
-    if len(client) != len(acc):
-        raise ValueError(f"client {index} has {len(client)} arrays; client 0 has {len(acc)}")
-    for j, x in enumerate(client):
-        view = tensor_view(x, f"client {index}, array {j}")
-        if view.shape != acc[j].shape:
-            raise ValueError(
-                f"client {index}, array {j}: shape {tuple(view.shape)} differs from client 0's {tuple(acc[j].shape)}"
-            )
-        acc[j].add_(view, alpha=coef)
-
-
-def _stream_weighted_sum(arrays: Iterable[NDArrays], coefficients: np.ndarray) -> NDArrays:
-    """Return ``sum_i coefficients[i] * arrays[i]`` in float32, reading one client at a time.
-
-    Each client goes through `accumulate_client`, so a client is released as soon as the iterator moves
-    on. The iterator is consumed exactly once.
-    """
-    num_expected = len(coefficients)
-    acc: list[torch.Tensor] = []
-    num_seen = 0
-    for i, client in enumerate(arrays):
-        if i >= num_expected:
-            raise ValueError(f"got more clients than the {num_expected} weights given (client {i} is extra)")
-        accumulate_client(acc, client, float(coefficients[i]), i)
-        num_seen = i + 1
-    if num_seen != num_expected:
-        raise ValueError(f"got {num_seen} clients but {num_expected} weights")
-    return [a.numpy() for a in acc]
-
-
 def _stack(arrays: Sequence[NDArrays], j: int) -> torch.Tensor:
     """Stack array ``j`` of every client into one float32 tensor of shape ``(num_clients, *shape)``."""
-    return torch.stack([_float32_tensor(client[j], f"client {i}, array {j}") for i, client in enumerate(arrays)])
+    return torch.stack([float32_tensor(client[j], f"client {i}, array {j}") for i, client in enumerate(arrays)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregation rules.
+# Aggregation rules (the weighted mean, FedAvg's, is strategies.streaming.weighted_mean).
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def weighted_mean(arrays: Iterable[NDArrays], weights: Sequence[float]) -> NDArrays:
-    """Weighted mean of per-client arrays, streaming over the clients (FedAvg aggregation).
-
-    McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from Decentralized Data"::
-
-        mean_j = sum_i n_i x_{i,j} / sum_i n_i
-
-    ``arrays`` may be a generator that deserializes each client lazily: it is consumed once, one client at a time,
-    and at most one client is referenced at any moment. The work memory is one float32 accumulator per array
-    (the size of one model). The weights are normalized up front (``p_i = n_i / sum n``, in float64) and each
-    client is added with ``acc.add_(x_i, alpha=p_i)``; normalizing first rather than dividing at the end saves a
-    pass over the model and cannot overflow float32 with large example counts.
-
-    Args:
-        arrays: per client, the list of arrays (same count and shapes for every client; any real dtype).
-        weights: one positive, finite weight per client.
-
-    Returns:
-        The weighted mean, as new float32 arrays.
-
-    Raises:
-        ValueError: if a weight is not positive and finite, the number of clients differs from the number of
-            weights, or a client's array count or shapes differ from client 0's (naming the client and array).
-    """
-    w = _check_weights(weights, None)
-    return _stream_weighted_sum(arrays, w / w.sum())
 
 
 def coordinate_median(arrays: Sequence[NDArrays], weights: Sequence[float]) -> NDArrays:
@@ -221,8 +88,8 @@ def coordinate_median(arrays: Sequence[NDArrays], weights: Sequence[float]) -> N
     Raises:
         ValueError: on an empty client list, inconsistent shapes, or invalid weights.
     """
-    _check_same_structure(arrays)
-    _check_weights(weights, len(arrays))
+    check_same_shapes(arrays)
+    check_weights(weights, len(arrays))
     n = len(arrays)
     out: NDArrays = []
     for j in range(len(arrays[0])):
@@ -256,8 +123,8 @@ def trimmed_mean(arrays: Sequence[NDArrays], weights: Sequence[float], trim_frac
     """
     if not (isinstance(trim_fraction, int | float) and 0.0 <= trim_fraction < 0.5):
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
-    _check_same_structure(arrays)
-    _check_weights(weights, len(arrays))
+    check_same_shapes(arrays)
+    check_weights(weights, len(arrays))
     n = len(arrays)
     k = math.floor(trim_fraction * n + 1e-9)
     if n - 2 * k < 1:  # unreachable for trim_fraction < 0.5; kept as a guard for the rounding tolerance above
@@ -282,7 +149,7 @@ def _pairwise_sq_distances(arrays: Sequence[NDArrays]) -> np.ndarray:
     n = len(arrays)
     finite = np.ones(n, dtype=bool)
     for i, client in enumerate(arrays):
-        finite[i] = all(bool(torch.isfinite(tensor_view(x, f"client {i}")).all()) for x in client)
+        finite[i] = all(all_finite(tensor_view(x, f"client {i}")) for x in client)
     idx = np.flatnonzero(finite)
     gram = torch.zeros((idx.size, idx.size), dtype=torch.float64)
     for j in range(len(arrays[0])):
@@ -321,7 +188,7 @@ def krum_scores(arrays: Sequence[NDArrays], num_byzantine: int) -> np.ndarray:
     """
     if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int | np.integer) or num_byzantine < 0:
         raise ValueError(f"num_byzantine must be a non-negative integer, got {num_byzantine!r}")
-    _check_same_structure(arrays)
+    check_same_shapes(arrays)
     n, f = len(arrays), int(num_byzantine)
     if n < 2 * f + 3:
         raise ValueError(f"Krum needs n >= 2f + 3 clients: got n={n} with f={f} (needs at least {2 * f + 3})")
@@ -356,12 +223,12 @@ def krum(arrays: Sequence[NDArrays], weights: Sequence[float], num_byzantine: in
             ``[1, n]``, weights are invalid, or shapes are inconsistent.
     """
     scores = krum_scores(arrays, num_byzantine)
-    w = _check_weights(weights, len(arrays))
+    w = check_weights(weights, len(arrays))
     n = len(arrays)
     if isinstance(num_selected, bool) or not isinstance(num_selected, int | np.integer) or not 1 <= num_selected <= n:
         raise ValueError(f"num_selected must be an integer in [1, {n}] for {n} clients, got {num_selected!r}")
     selected = np.argsort(scores, kind="stable")[: int(num_selected)]
-    return weighted_mean((arrays[int(i)] for i in selected), [float(w[i]) for i in selected])
+    return weighted_mean([arrays[int(i)] for i in selected], [float(w[i]) for i in selected])
 
 
 def fednova_combine(updates: Iterable[NDArrays], weights: Sequence[float], local_steps: Sequence[int]) -> NDArrays:
@@ -377,7 +244,8 @@ def fednova_combine(updates: Iterable[NDArrays], weights: Sequence[float], local
     normalizer ``||a_i||_1`` of the paper is ``tau_i``; local momentum or proximal terms need other normalizers
     and are not covered here. With equal ``tau_i`` this is the weighted mean of the ``u_i``.
 
-    ``updates`` may be a generator; it is consumed once, one client at a time (see :func:`weighted_mean`).
+    ``updates`` may be a generator; it is consumed once, one client at a time (see :func:`weighted_mean`); a
+    sequence is combined in one blocked pass (:func:`strategies.streaming.weighted_sum`).
 
     Returns:
         The aggregated update (not the new weights), as new float32 arrays.
@@ -386,7 +254,7 @@ def fednova_combine(updates: Iterable[NDArrays], weights: Sequence[float], local
         ValueError: if a weight is not positive and finite, a step count is not a positive integer, the counts
             of clients, weights and step counts differ, or shapes are inconsistent.
     """
-    w = _check_weights(weights, None)
+    w = check_weights(weights, None)
     steps = list(local_steps)
     if len(steps) != w.size:
         raise ValueError(f"got {w.size} weights but {len(steps)} local step counts")
@@ -396,7 +264,7 @@ def fednova_combine(updates: Iterable[NDArrays], weights: Sequence[float], local
     tau = np.asarray(steps, dtype=np.float64)
     p = w / w.sum()
     tau_eff = float(np.dot(p, tau))
-    return _stream_weighted_sum(updates, tau_eff * p / tau)
+    return weighted_sum(updates, (tau_eff * p / tau).tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------

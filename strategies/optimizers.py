@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, TypeAlias
 import numpy as np
 import torch
 
-from strategies.aggregators import _float32_tensor, tensor_view
+from strategies.tensors import all_finite, float32_tensor, tensor_view
 
 __all__ = [
     "OPTIMIZER_HPARAMS_USED",
@@ -214,9 +214,7 @@ def _check_step_inputs(weights: NDArrays, pseudo_grad: NDArrays, mask: Sequence[
     for j, (w, g) in enumerate(zip(weights, pseudo_grad, strict=True)):
         if np.shape(w) != np.shape(g):
             raise ValueError(f"array {j}: pseudo_grad shape {np.shape(g)} differs from weights shape {np.shape(w)}")
-        t = tensor_view(g, f"pseudo_grad[{j}]")
-        # A finite sum implies finite values (one read, no temporary); check element-wise only if not.
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        if not all_finite(tensor_view(g, f"pseudo_grad[{j}]")):
             raise ValueError(f"pseudo_grad[{j}] contains NaN or inf")
     return trainable
 
@@ -269,10 +267,10 @@ class _MaskedOptimizer:
         new_m: NDArrays = []
         new_v: NDArrays = []
         for k, j in enumerate(trainable):
-            w = _float32_tensor(weights[j], f"weights[{j}]")
-            g = _float32_tensor(pseudo_grad[j], f"pseudo_grad[{j}]")
-            m = _float32_tensor(state.m[k], f"state.m[{k}]") if self.has_m and state.m is not None else None
-            v = _float32_tensor(state.v[k], f"state.v[{k}]") if self.has_v and state.v is not None else None
+            w = float32_tensor(weights[j], f"weights[{j}]")
+            g = float32_tensor(pseudo_grad[j], f"pseudo_grad[{j}]")
+            m = float32_tensor(state.m[k], f"state.m[{k}]") if self.has_m and state.m is not None else None
+            v = float32_tensor(state.v[k], f"state.v[{k}]") if self.has_v and state.v is not None else None
             w_new, m_new, v_new = self._update(t, w, g, m, v)
             new_weights[j] = w_new.numpy()
             if m_new is not None:

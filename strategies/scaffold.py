@@ -25,7 +25,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from strategies.aggregators import _float32_tensor, tensor_view
+from strategies.tensors import float32_tensor, tensor_view
 
 __all__ = ["NDArrays", "ScaffoldState", "scaffold_init", "scaffold_update_control"]
 
@@ -120,7 +120,7 @@ def scaffold_update_control(
     scale = 1.0 / float(n_total)
     new_control: NDArrays = []
     for j, c in enumerate(state.control):
-        acc = _float32_tensor(c, f"control[{j}]").clone()
+        acc = float32_tensor(c, f"control[{j}]").clone()
         for i, delta in enumerate(control_deltas):
             acc.add_(tensor_view(delta[j], f"client {i}, array {j}"), alpha=scale)
         new_control.append(acc.numpy())
