@@ -28,6 +28,7 @@ from .labels import (
     unpack_class_names,
 )
 from .partitioners import (
+    CLASS_LABEL_PARTITIONERS,
     PARTITIONER_NAMES,
     PARTITIONERS,
     PartitionOptions,
@@ -51,6 +52,7 @@ from .registry import SOURCES, load_source
 from .sources import linear_true_parameters
 
 __all__ = [
+    "CLASS_LABEL_PARTITIONERS",
     "NORMALIZATIONS",
     "PARTITIONERS",
     "PARTITIONER_NAMES",
