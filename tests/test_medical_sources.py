@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import FeatureTransform, Source, SourceOptions, load_source, transform_source
+from datasets import FeatureTransform, Source, SourceOptions, load_source, load_source_cached, transform_source
 
 # ----------------------------------------------------------------------------------------------
 # breast-cancer, diabetes
@@ -112,6 +112,9 @@ def test_fixed_equals_the_transform_applied_to_raw_bit_for_bit(name: str) -> Non
     for a, b in ((fixed.train, later.train), (fixed.test, later.test)):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
     assert not torch.equal(fixed.train.x, raw.train.x)
+    # Options carrying a transform are hashable: the in-process cache keys on them.
+    options = SourceOptions(normalization="fixed", transform=transform, num_samples=50)
+    assert load_source_cached(name, options) is load_source_cached(name, replace(options))
 
 
 def test_fixed_transform_gives_every_node_the_same_input_for_the_same_raw_value(tmp_path: Path) -> None:
