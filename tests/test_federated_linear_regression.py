@@ -56,7 +56,7 @@ class Fit:
         return np.concatenate(self.site_y).astype(np.float64).ravel()
 
 
-def federated_fit(tmp_path: Path, num_rounds: int, **overrides: object) -> Fit:
+def federated_fit(tmp_path: Path, num_rounds: int, **overrides: bool | float | str) -> Fit:
     """Run the app's own strategy and NumPyClients in-process on diabetes split by target across four sites.
 
     The test file's only coupling to ``flower_app``: the run config, the node's data, the client, the
@@ -136,7 +136,7 @@ MSE_TOLERANCE = 1e-6
     [("fedsgd", {"server-learning-rate": 0.24}), ("fedavg", {"learning-rate": 0.24, "local-epochs": 1})],
 )
 def test_fedsgd_and_fedavg_are_gradient_descent_on_the_pooled_data(
-    tmp_path: Path, strategy: str, step: dict[str, object]
+    tmp_path: Path, strategy: str, step: dict[str, float]
 ) -> None:
     rounds, eta = 40, 0.24
     fit = federated_fit(tmp_path, rounds, strategy=strategy, **step)

@@ -49,6 +49,7 @@ def test_breast_cancer_source() -> None:
     _check_common(source, "breast-cancer", 569, 30)
     assert source.task == "classification" and source.num_classes == 2
     assert source.class_names == ("malignant", "benign")
+    assert source.feature_names is not None
     assert source.feature_names[:3] == ("mean radius", "mean texture", "mean perimeter")
     assert source.feature_names[-1] == "worst fractal dimension"
     assert source.train.y.dtype == torch.int64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -455,7 +456,7 @@ def test_load_partition_diabetes_non_iid(name: str) -> None:
     assert sum(len(t) + len(v) for t, v in loaded) == len(source.train)
     assert all(t.y.shape[1:] == (1,) and t.y.dtype == torch.float32 for t, _ in loaded)
     if name == "sorted":  # each site a range of disease progression, in order
-        assert [float(t.y.max()) <= float(u.y.min()) for (t, _), (u, _) in zip(loaded, loaded[1:])] == [True] * 3
+        assert [float(t.y.max()) <= float(u.y.min()) for (t, _), (u, _) in itertools.pairwise(loaded)] == [True] * 3
     else:
         sizes = [len(t) for t, _ in loaded]
         assert max(sizes) > 2 * min(sizes), sizes
