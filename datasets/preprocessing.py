@@ -37,12 +37,13 @@ Two wire forms, one flat ``float64`` array each:
     that secure aggregation (SecAgg+) reveals to the server. Any positive multiple works too (only
     ``count`` scales; mean and variance are ratios), so SecAgg+'s weighting of each reply by
     ``n / max-weight`` is harmless. The variance is ``E[z^2] - E[z]^2``, which cancels when the mean
-    is large against the spread: its relative error is about ``precision * (mean / std)^2``, negligible
-    in float64 (1e-16) but not under SecAgg+, which clips every value to ``[-clipping-range,
-    clipping-range]`` and quantizes it (about 4e-6 of the range with the project's defaults). The
-    public ``reference`` transform (agreed before the round: rough centre and scale of each feature,
-    e.g. from the run config or domain knowledge) keeps ``z`` near zero and of order one, so the sums
-    neither clip nor cancel; send per-example means (``to_array() / count``) to keep them in range.
+    is large against the spread: with the sums known to a relative precision ``p`` its relative error
+    is about ``p (1 + (mean / std)^2)``, negligible in float64 (``p`` = 1e-16) but not under SecAgg+,
+    which clips every value to ``[-clipping-range, clipping-range]`` and rounds it to a step of
+    ``2 range / levels`` (16 / 2^22 = 4e-6 with the project's defaults). The public ``reference``
+    transform (agreed before the round: a rough centre and scale of each feature, from the run config
+    or domain knowledge) keeps ``z`` near zero and of order one, so the sums neither clip nor cancel;
+    send per-example means (``to_array() / count``) so that SecAgg+'s weighting keeps them in range.
     Min and max are not sums: SecAgg+ can give standardization, never min-max scaling.
 """
 
