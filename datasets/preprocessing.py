@@ -11,8 +11,11 @@ pieces a statistics round is built from:
 node::
 
     raw = load_source(name, replace(options, normalization="none"))
-    reply = feature_stats(raw.train.x).to_array()        # plain aggregation: min, max, mean, variance
-    reply = sum_stats(raw.train.x, reference).to_array() # SecAgg+: sums only
+    train, val = load_partition(raw, partitioner, partition_options, partition_id)  # or raw.train, raw.test
+    reply = feature_stats(train.x).to_array()             # plain aggregation: min, max, mean, variance
+    reply = sum_stats(train.x, reference).to_array()      # SecAgg+: sums only
+    ...                                                   # later, with the agreed transform:
+    train, val = transform_data(train, transform), transform_data(val, transform)
 
 server::
 
@@ -20,6 +23,12 @@ server::
     stats = SumStats.from_array(summed_replies, reference)       # under SecAgg+
     transform = transform_from_stats(stats, "standardize")       # or "min-max" (FeatureStats only)
     kind, offset, scale = transform.to_strings()                 # Flower config values are scalars
+
+Partitions are drawn from example keys that hash the features (:func:`datasets.partitioners.example_keys`),
+so a source loaded with ``local``, ``none`` or ``fixed`` normalization is split differently among the same
+clients. A node that computed its statistics on a raw partition keeps that partition and applies the
+agreed transform to it with :func:`transform_data`; only the server's held-out split (never partitioned)
+may be reloaded with ``normalization="fixed"``.
 
 Statistics are per index of axis 1 of the features: per column of tabular ``N x F`` data, per
 channel of ``N x C x H x W`` images (every pixel of the channel is one observation).
