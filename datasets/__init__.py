@@ -8,19 +8,27 @@ Typical use::
 
     source = load_source("digits", SourceOptions(seed=0))
     train, local_test = load_partition(source, "dirichlet", PartitionOptions(num_partitions=10), 3)
+
+Federated preprocessing (statistics merged across nodes, one transform for all): :mod:`datasets.preprocessing`.
 """
 
 from .cache import load_source_cached
-from .core import DataFileError, Source, SourceOptions, TensorData, default_data_root
+from .core import NORMALIZATIONS, DataFileError, FeatureTransform, Source, SourceOptions, TensorData, default_data_root
 from .labels import (
     LabelMismatch,
+    agree_class_names,
     check_class_names,
     check_held_out,
+    check_node_labels,
+    class_names_option,
     compare_class_names,
+    pack_class_names,
     parse_class_names,
     present_class_names,
+    unpack_class_names,
 )
 from .partitioners import (
+    CLASS_LABEL_PARTITIONERS,
     PARTITIONER_NAMES,
     PARTITIONERS,
     PartitionOptions,
@@ -30,31 +38,57 @@ from .partitioners import (
     partition,
     partition_summary,
 )
+from .preprocessing import (
+    FeatureStats,
+    SumStats,
+    feature_stats,
+    merge_stats,
+    sum_stats,
+    transform_data,
+    transform_from_stats,
+    transform_source,
+)
 from .registry import SOURCES, load_source
 from .sources import linear_true_parameters
 
 __all__ = [
+    "CLASS_LABEL_PARTITIONERS",
+    "NORMALIZATIONS",
     "PARTITIONERS",
     "PARTITIONER_NAMES",
     "SOURCES",
     "DataFileError",
+    "FeatureStats",
+    "FeatureTransform",
     "LabelMismatch",
     "PartitionOptions",
     "Source",
     "SourceOptions",
+    "SumStats",
     "TensorData",
+    "agree_class_names",
     "check_class_names",
     "check_held_out",
+    "check_node_labels",
+    "class_names_option",
     "clear_partition_cache",
     "compare_class_names",
     "default_data_root",
     "example_keys",
+    "feature_stats",
     "linear_true_parameters",
     "load_partition",
     "load_source",
     "load_source_cached",
+    "merge_stats",
+    "pack_class_names",
     "parse_class_names",
     "partition",
     "partition_summary",
     "present_class_names",
+    "sum_stats",
+    "transform_data",
+    "transform_from_stats",
+    "transform_source",
+    "unpack_class_names",
 ]

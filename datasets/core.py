@@ -7,12 +7,21 @@ needs (task, number of classes, input shape). The registry of sources is :mod:`d
 Conventions for every source: features are ``float32`` (token ids ``int64``); images are ``N x C x H x W``,
 scaled to ``[0, 1]`` and then normalized per channel; classification labels are ``int64`` class indices in
 ``[0, num_classes)``; regression targets are ``float32``.
+
+Normalization (:attr:`SourceOptions.normalization`): ``"local"`` (the default) normalizes as each source
+always has (published constants for the image data sets, the statistics of the node's own train split
+for ``csv``, ``image-folder``, ``breast-cancer`` and ``diabetes``); ``"none"`` returns the *raw* features
+(images scaled to ``[0, 1]`` only), for statistics computed across nodes (:mod:`datasets.preprocessing`);
+``"fixed"`` applies a given :class:`FeatureTransform`, the same on every node and on the server, so that
+the same raw value becomes the same input everywhere.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +31,17 @@ import torch
 __all__ = [
     "CAUSAL_LM",
     "CLASSIFICATION",
+    "MIN_MAX",
+    "NORMALIZATIONS",
     "REGRESSION",
+    "STANDARDIZE",
+    "TRANSFORM_KINDS",
     "DataFileError",
+    "FeatureTransform",
     "Source",
     "SourceOptions",
     "TensorData",
     "default_data_root",
-    "normalize_images",
     "split_indices",
     "take",
 ]
@@ -38,6 +51,18 @@ logger = logging.getLogger(__name__)
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 CAUSAL_LM = "causal-lm"  # x: token ids, y: the same ids with -100 at padding (datasets.text)
+
+STANDARDIZE = "standardize"
+MIN_MAX = "min-max"
+TRANSFORM_KINDS = (STANDARDIZE, MIN_MAX)
+"""Kinds of :class:`FeatureTransform`: what its offset and scale were made from."""
+
+NORMALIZATIONS = ("local", "none", "fixed")
+"""Values of :attr:`SourceOptions.normalization` (see the module docstring)."""
+
+# A spread at most this fraction of a feature's magnitude is float rounding of a constant feature (the
+# float32 resolution is 6e-8): such a feature is only shifted, not blown up by dividing by the rounding.
+_TINY_SPREAD = 1e-6
 
 
 class DataFileError(ValueError):
@@ -80,6 +105,119 @@ def _rebuild_data_file_error(
     path: str, problem: str, line: int | None, row: int | None, column: str | None
 ) -> DataFileError:
     return DataFileError(path, problem, line=line, row=row, column=column)
+
+
+@dataclass(frozen=True)
+class FeatureTransform:
+    """An affine map of the features, the same on every node: ``x -> (x - offset[c]) / scale[c]``.
+
+    ``c`` indexes axis 1 of the data: the feature of tabular data (``N x F``), the channel of images
+    (``N x C x H x W``, applied per channel). Every node and the server apply the same transform, so a
+    raw value becomes the same input everywhere; :mod:`datasets.preprocessing` computes it from
+    statistics merged across nodes, or it is fixed in advance (:meth:`from_strings`).
+
+    The arithmetic is elementwise in the data's own dtype (``float32`` for every source), so the same
+    raw value and the same transform give the same bits on every node, whatever else the node holds.
+
+    Hashable (tuples of floats), so it can be part of :class:`SourceOptions` and key caches.
+
+    Attributes:
+        kind: ``"standardize"`` (offset = mean, scale = std) or ``"min-max"`` (offset = min, scale =
+            max - min, mapping the range to ``[0, 1]``).
+        offset: One finite value per feature or channel.
+        scale: One finite positive value per feature or channel.
+    """
+
+    kind: str
+    offset: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSFORM_KINDS:
+            raise ValueError(f"unknown transform kind '{self.kind}'; choose one of: {', '.join(TRANSFORM_KINDS)}")
+        offset = tuple(float(v) for v in self.offset)
+        scale = tuple(float(v) for v in self.scale)
+        if not offset or len(offset) != len(scale):
+            raise ValueError(
+                f"a feature transform needs one offset and one scale per feature, got {len(offset)} offsets "
+                f"and {len(scale)} scales"
+            )
+        if not all(math.isfinite(v) for v in offset + scale):
+            raise ValueError(f"feature transform values must be finite, got offset {offset}, scale {scale}")
+        if any(v <= 0 for v in scale):
+            raise ValueError(f"feature transform scales must be > 0, got {scale}")
+        object.__setattr__(self, "offset", offset)
+        object.__setattr__(self, "scale", scale)
+
+    @classmethod
+    def standardize(cls, mean: Sequence[float], std: Sequence[float]) -> FeatureTransform:
+        """``(x - mean) / std``; a feature with no spread (std zero, or at most 1e-6 of its mean: the
+        rounding of a constant column) is only centred."""
+        if not all(math.isfinite(float(v)) and float(v) >= 0 for v in std):
+            raise ValueError(f"standardize: every std must be a finite number >= 0, got {tuple(std)}")
+        scale = [float(s) if s > _TINY_SPREAD * abs(float(m)) and s > 0 else 1.0 for m, s in zip(mean, std, strict=True)]
+        return cls(STANDARDIZE, tuple(float(m) for m in mean), tuple(scale))
+
+    @classmethod
+    def min_max(cls, low: Sequence[float], high: Sequence[float]) -> FeatureTransform:
+        """``(x - low) / (high - low)``, mapping ``[low, high]`` to ``[0, 1]``; a constant feature is only shifted."""
+        spans = []
+        for lo, hi in zip(low, high, strict=True):
+            if hi < lo:
+                raise ValueError(f"min-max transform: a minimum ({lo}) is above its maximum ({hi})")
+            span = float(hi) - float(lo)
+            spans.append(span if span > _TINY_SPREAD * max(abs(float(lo)), abs(float(hi))) and span > 0 else 1.0)
+        return cls(MIN_MAX, tuple(float(v) for v in low), tuple(spans))
+
+    @property
+    def num_features(self) -> int:
+        """Number of features (tabular) or channels (images) the transform applies to."""
+        return len(self.offset)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The transformed copy of ``x`` (``N x F`` or ``N x C x ...``), in ``x``'s dtype.
+
+        Raises:
+            ValueError: If ``x`` is not floating point, or axis 1 does not have :attr:`num_features` entries.
+        """
+        if not x.is_floating_point():
+            raise ValueError(f"a feature transform applies to float features, got {x.dtype} (token ids are not features)")
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"the {self.kind} transform is for {self.num_features} features or channels (axis 1), "
+                f"got data of shape {tuple(x.shape)}"
+            )
+        shape = (1, self.num_features) + (1,) * (x.dim() - 2)
+        offset = torch.tensor(self.offset, dtype=x.dtype, device=x.device).view(shape)
+        scale = torch.tensor(self.scale, dtype=x.dtype, device=x.device).view(shape)
+        return (x - offset) / scale
+
+    def to_strings(self) -> tuple[str, str, str]:
+        """``(kind, offset, scale)`` as text, offsets and scales comma-separated: run-config and Flower
+        config values are scalars. :meth:`from_strings` reads them back exactly (``repr`` of a float
+        round-trips)."""
+        return self.kind, ",".join(repr(v) for v in self.offset), ",".join(repr(v) for v in self.scale)
+
+    @classmethod
+    def from_strings(cls, kind: str, offset: str, scale: str) -> FeatureTransform:
+        """The transform of :meth:`to_strings`' text (or of hand-written run-config values).
+
+        Raises:
+            ValueError: Naming the value that is not a number, or as the constructor.
+        """
+
+        def numbers(text: str, what: str) -> tuple[float, ...]:
+            values = []
+            for item in text.split(","):
+                try:
+                    values.append(float(item))
+                except ValueError:
+                    raise ValueError(
+                        f"feature transform {what}: {item.strip()!r} is not a number (give comma-separated numbers, got {text!r})"
+                    ) from None
+            return tuple(values)
+
+        return cls(kind.strip(), numbers(offset, "offset"), numbers(scale, "scale"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,6 +268,10 @@ class Source:
             what the data called class ``i``: a CSV label, a folder name, ``"airplane"``); when not
             given, ``"0"``, ``"1"``, ... ``None`` for the other tasks. Two data owners agree on what
             an index means exactly when their ``class_names`` are equal (:mod:`datasets.labels`).
+        feature_names: Tabular sources: the name of each feature (a CSV column, ``"mean radius"``),
+            one per entry of ``input_shape``; ``None`` where features have no names.
+        feature_transform: The transform applied to the raw features (:attr:`SourceOptions.normalization`);
+            ``None`` when the features are raw (or the source does not normalize, as ``linear``).
     """
 
     name: str
@@ -141,8 +283,18 @@ class Source:
     natural_partitions: tuple[np.ndarray, ...] | None = None
     target_dim: int | None = None
     class_names: tuple[str, ...] | None = None
+    feature_names: tuple[str, ...] | None = None
+    feature_transform: FeatureTransform | None = None
 
     def __post_init__(self) -> None:
+        if self.feature_names is not None:
+            names = tuple(str(n) for n in self.feature_names)
+            if len(self.input_shape) != 1 or len(names) != self.input_shape[0]:
+                raise ValueError(
+                    f"feature_names must name each of the features of a tabular input shape, got {len(names)} names "
+                    f"for input shape {self.input_shape}"
+                )
+            object.__setattr__(self, "feature_names", names)
         if self.task not in (CLASSIFICATION, REGRESSION, CAUSAL_LM):
             raise ValueError(f"task must be '{CLASSIFICATION}', '{REGRESSION}' or '{CAUSAL_LM}', got '{self.task}'")
         if self.task == CLASSIFICATION:
@@ -194,6 +346,12 @@ class SourceOptions:
         text_column: ``text``, ``text-lm``: column (csv, tsv, jsonl) holding the text.
         tokenizer: ``text``, ``text-lm``: the model directory or hub id whose tokenizer encodes the text.
         max_length: ``text``, ``text-lm``: tokens per example (longer texts are cut, shorter ones padded).
+        normalization: How features are normalized (:data:`NORMALIZATIONS`): ``"local"`` as each source
+            always has, from the node's own data or published constants (the default); ``"none"``: raw
+            features (images scaled to ``[0, 1]``), to compute statistics across nodes from; ``"fixed"``:
+            ``transform``, the same on every node. The text sources accept ``local`` and ``none`` (token
+            ids are not normalized).
+        transform: The :class:`FeatureTransform` of ``normalization="fixed"``; ``None`` otherwise.
     """
 
     root: str = ""
@@ -213,8 +371,19 @@ class SourceOptions:
     text_column: str = "text"
     tokenizer: str = ""
     max_length: int = 128
+    normalization: str = "local"
+    transform: FeatureTransform | None = None
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"unknown normalization '{self.normalization}'; choose one of: {', '.join(NORMALIZATIONS)}"
+            )
+        if (self.normalization == "fixed") != (self.transform is not None):
+            raise ValueError(
+                "normalization 'fixed' needs a transform, and a transform needs normalization 'fixed' "
+                f"(got normalization '{self.normalization}' and transform {self.transform})"
+            )
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.num_samples < 1:
@@ -241,13 +410,6 @@ def default_data_root() -> str:
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def normalize_images(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Normalize ``N x C x H x W`` images per channel: ``(x - mean[c]) / std[c]``."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def _allocate(quota: np.ndarray, total: int, upper: np.ndarray) -> np.ndarray:

@@ -24,13 +24,23 @@ A single class (decided for federated use):
   and a one-output model, which disagrees with every other owner and learns nothing;
 * a ``class-names`` list of fewer than two names is refused (:func:`parse_class_names`), and so is a
   server held-out set holding fewer than two classes (:func:`check_held_out`).
+
+Agreeing on the classes across nodes (federated preprocessing): each node reports the class names it
+holds (:func:`present_class_names`), sent as text with :func:`pack_class_names`; the server merges the
+reports into the agreed list with :func:`agree_class_names` (sorted as one file holding all of them
+would sort its labels, so the result does not depend on which node reports first), or, with
+``class-names`` set, takes that list and checks every report with :func:`check_node_labels`. Nodes then
+load their data with ``class_names=class_names_option(agreed)``. Class names are text, not sums:
+secure aggregation cannot hide which labels a node holds; fixing ``class-names`` in the run config
+avoids sending them at all.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,13 +50,18 @@ from .core import CLASSIFICATION, DataFileError, Source
 __all__ = [
     "MISSING_MARKERS",
     "LabelMismatch",
+    "agree_class_names",
     "check_class_names",
     "check_held_out",
+    "check_node_labels",
+    "class_names_option",
     "compare_class_names",
     "encode_labels",
     "label_name",
+    "pack_class_names",
     "parse_class_names",
     "present_class_names",
+    "unpack_class_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -247,3 +262,106 @@ def check_held_out(source: Source) -> None:
             f"the held-out set of source '{source.name}' holds {held.size} class(es) ({names}); centralized "
             "accuracy needs two or more: give the server a held-out file with every class"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreeing on the classes across nodes
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_reported(name: object, node: str) -> str:
+    """A reported class name, which must be what :func:`label_name` makes of itself."""
+    if not isinstance(name, str):
+        raise ValueError(f"{node}: class names are text, got {type(name).__name__} {name!r}")  # noqa: TRY004 - data error
+    try:
+        canonical = label_name(name)
+    except ValueError as err:
+        raise ValueError(f"{node}: class name {name!r}: {err}") from None
+    if canonical != name:
+        raise ValueError(
+            f"{node}: class name {name!r} is not a label as the loaders read it "
+            f"({'a missing value' if canonical is None else repr(canonical)}); report Source.class_names"
+        )
+    return name
+
+
+def agree_class_names(reports: Iterable[Sequence[str]], *, nodes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The agreed class list: every class name some node reports, sorted. Pure and deterministic.
+
+    Sorted as :func:`encode_labels` sorts one file's labels (by value when every name is an integer,
+    as text otherwise), so the agreed list is what a single file holding all the data would give,
+    whatever the order of the reports and of the names within them.
+
+    Args:
+        reports: Each node's class names (the labels it holds, e.g. :func:`present_class_names`).
+        nodes: Names of the nodes, in the order of ``reports``, for messages (default ``node 0``, ...).
+
+    Raises:
+        ValueError: Naming the node: a name that is not a label as the loaders read it (not text,
+            empty, a missing-value marker, surrounding spaces, a non-integer number); and if fewer than
+            two classes are reported in all (a classifier needs two).
+    """
+    found: set[str] = set()
+    for i, names in enumerate(reports):
+        node = nodes[i] if nodes is not None else f"node {i}"
+        found.update(_check_reported(n, node) for n in names)
+    if all(_is_integer(n) for n in found):
+        agreed = tuple(sorted(found, key=int))
+    else:
+        agreed = tuple(sorted(found))
+    if len(agreed) < 2:
+        raise ValueError(
+            f"the nodes report {len(agreed)} class(es) in all ({', '.join(repr(n) for n in agreed) or 'none'}); "
+            "a classifier needs two or more"
+        )
+    return agreed
+
+
+def check_node_labels(node: str, labels: Sequence[str], agreed: Sequence[str]) -> LabelMismatch:
+    """Refuse a node holding a label outside the agreed list; holding only some of the classes is fine.
+
+    Returns the mismatch (its ``missing`` are the agreed classes the node does not hold).
+
+    Raises:
+        ValueError: ``"<node>: labels not in class_names (<agreed>): <labels>"``.
+    """
+    return check_class_names(labels, agreed, where=node, allow_missing=True)
+
+
+def class_names_option(agreed: Sequence[str]) -> str:
+    """The agreed list as the ``class_names`` option (and run-config value) nodes load their data with.
+
+    Raises:
+        ValueError: If a name holds a comma (the option is comma-separated) or the list is not two or
+            more distinct names (:func:`parse_class_names`).
+    """
+    with_comma = [n for n in agreed if "," in n]
+    if with_comma:
+        raise ValueError(
+            f"class names {with_comma[:10]} hold a comma and cannot be listed in class-names (comma-separated); "
+            "rename those labels"
+        )
+    text = ",".join(agreed)
+    if parse_class_names(text) != tuple(agreed):
+        raise ValueError(f"class names {list(agreed)} do not survive the comma-separated form")
+    return text
+
+
+def pack_class_names(names: Sequence[str]) -> str:
+    """Class names as one string (a JSON list), for a Flower reply whose values are scalars."""
+    return json.dumps(list(names), ensure_ascii=False)
+
+
+def unpack_class_names(text: str) -> tuple[str, ...]:
+    """The class names of :func:`pack_class_names`' string.
+
+    Raises:
+        ValueError: If ``text`` is not a JSON list of strings.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"class names must be a JSON list of strings, got {text[:200]!r} ({err})") from None
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"class names must be a JSON list of strings, got {text[:200]!r}")
+    return tuple(value)

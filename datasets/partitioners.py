@@ -21,6 +21,13 @@ Registered partitioners (:data:`PARTITIONERS`):
 ``quantity-skew``
     Partition sizes drawn from ``Dirichlet(quantity_alpha)``, labels IID (Li et al., 2022, "Federated
     Learning on Non-IID Data Silos: An Experimental Study").
+``sorted``
+    Examples sorted by label or regression target and cut into equal contiguous blocks: partition
+    ``p`` holds the ``p``-th quantile range of the target (McMahan et al.'s sort-and-partition with one
+    shard each). The non-IID split for regression, where there are no classes to skew.
+
+``dirichlet`` and ``shards`` need class labels (:data:`CLASS_LABEL_PARTITIONERS`) and refuse regression
+targets; the others accept any labels.
 
 :func:`partition` also accepts ``"natural"``: the split a source ships with
 (``Source.natural_partitions``, e.g. the devices of FedProx's Synthetic data).
@@ -41,6 +48,7 @@ import torch
 from .core import Source, TensorData
 
 __all__ = [
+    "CLASS_LABEL_PARTITIONERS",
     "PARTITIONERS",
     "PARTITIONER_NAMES",
     "PartitionOptions",
@@ -142,9 +150,10 @@ def _canonical_order(keys: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
 def _class_labels(labels: np.ndarray, partitioner: str) -> np.ndarray:
     """Return ``labels`` as 1-D int64 class labels, or raise if they are regression targets."""
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        others = sorted(set(PARTITIONERS) - CLASS_LABEL_PARTITIONERS)
         raise ValueError(
             f"partitioner '{partitioner}' needs class labels (1-D integers), got {labels.dtype} labels "
-            f"of shape {labels.shape}; regression data can use 'iid' or 'quantity-skew'"
+            f"of shape {labels.shape}; regression data can use one of: {', '.join(others)}"
         )
     return labels.astype(np.int64, copy=False)
 
@@ -336,16 +345,51 @@ def quantity_skew_partition(labels: np.ndarray, keys: np.ndarray, options: Parti
     return [np.sort(part).astype(np.int64) for part in np.split(shuffled, cuts)]
 
 
+def sorted_partition(labels: np.ndarray, keys: np.ndarray, options: PartitionOptions) -> list[np.ndarray]:
+    """Sort-and-cut split: examples sorted by label or target, cut into equal contiguous blocks.
+
+    Partition ``p`` gets the ``p``-th block (sizes differing by at most one) of the examples in order
+    of their label or regression target; equal values are ordered at random (seeded, by key, so the
+    split does not depend on example order). For regression this is the strongest shift of the target
+    a split can make (one site sees mild cases, another severe ones); for classification each
+    partition holds one or a few adjacent classes.
+
+    Raises:
+        ValueError: If the labels are not one number per example (shape ``(N,)`` or ``(N, 1)``), or
+            hold NaN or inf.
+    """
+    values = np.asarray(labels)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    numeric = np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_
+    if values.ndim != 1 or not numeric:
+        raise ValueError(
+            f"partitioner 'sorted' needs one numeric label or target per example (shape (N,) or (N, 1)), got "
+            f"{values.dtype} labels of shape {np.asarray(labels).shape}"
+        )
+    if np.issubdtype(values.dtype, np.floating) and not bool(np.all(np.isfinite(values))):
+        raise ValueError("partitioner 'sorted' cannot order NaN or infinite targets")
+    n = _check_common(values, keys, options)
+    tie_break = np.empty(n, dtype=np.int64)
+    tie_break[_canonical_order(keys, None)] = _rng(options, 5).permutation(n)
+    order = np.lexsort((tie_break, values))
+    return [np.sort(part).astype(np.int64) for part in np.array_split(order, options.num_partitions)]
+
+
 PARTITIONERS: dict[str, Callable[[np.ndarray, np.ndarray, PartitionOptions], list[np.ndarray]]] = {
     "dirichlet": dirichlet_partition,
     "iid": iid_partition,
     "quantity-skew": quantity_skew_partition,
     "shards": shards_partition,
+    "sorted": sorted_partition,
 }
 """Registry of the partitioners that split by labels and keys. ``"natural"`` is handled by
 :func:`partition`, since it needs the source's own split."""
 
 NATURAL = "natural"
+
+CLASS_LABEL_PARTITIONERS: frozenset[str] = frozenset({"dirichlet", "shards"})
+"""The partitioners that split by class: they refuse regression targets (the others accept any labels)."""
 
 PARTITIONER_NAMES: tuple[str, ...] = tuple(sorted([*PARTITIONERS, NATURAL]))
 """Every name :func:`partition` accepts: the keys of :data:`PARTITIONERS` and ``"natural"``."""

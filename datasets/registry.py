@@ -13,8 +13,10 @@ __all__ = ["SOURCES", "load_source"]
 logger = logging.getLogger(__name__)
 
 SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
+    "breast-cancer": sources.load_breast_cancer_source,
     "cifar10": sources.load_cifar10_source,
     "csv": sources.load_csv_source,
+    "diabetes": sources.load_diabetes_source,
     "digits": sources.load_digits_source,
     "fashion-mnist": sources.load_fashion_mnist_source,
     "image-folder": sources.load_image_folder_source,

@@ -8,6 +8,12 @@ them. Sources do no partitioning; :mod:`datasets.partitioners` splits ``Source.t
     the project's default.
 ``mnist``, ``fashion-mnist``, ``cifar10``
     Read through :mod:`torchvision.datasets` from ``root``; downloaded only when ``download`` is true.
+``breast-cancer``
+    scikit-learn's embedded Wisconsin diagnostic breast cancer data (569 tumours x 30 features,
+    malignant or benign). Needs no download.
+``diabetes``
+    scikit-learn's embedded diabetes data (442 patients x 10 baseline features, regression target:
+    disease progression one year later). Needs no download.
 ``csv``
     A tabular classification data set from a CSV file.
 ``image-folder``
@@ -18,6 +24,11 @@ them. Sources do no partitioning; :mod:`datasets.partitioners` splits ``Source.t
     Synthetic(alpha, beta) of FedProx (Li et al., 2020), with one natural partition per device.
 
 The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`.
+
+Every source here honours :attr:`~datasets.core.SourceOptions.normalization`: ``local`` normalizes as
+described per source, ``none`` returns raw features (images in ``[0, 1]``), ``fixed`` applies the given
+:class:`~datasets.core.FeatureTransform` to the raw ``float32`` features (so loading with ``fixed`` equals
+applying the transform to what ``none`` returns, bit for bit).
 """
 
 from __future__ import annotations
@@ -37,12 +48,13 @@ import torch
 from .core import (
     CLASSIFICATION,
     REGRESSION,
+    STANDARDIZE,
     DataFileError,
+    FeatureTransform,
     Source,
     SourceOptions,
     TensorData,
     default_data_root,
-    normalize_images,
     split_indices,
     take,
 )
@@ -51,8 +63,10 @@ from .labels import MISSING_MARKERS, encode_labels, label_name
 
 __all__ = [
     "linear_true_parameters",
+    "load_breast_cancer_source",
     "load_cifar10_source",
     "load_csv_source",
+    "load_diabetes_source",
     "load_digits_source",
     "load_fashion_mnist_source",
     "load_image_folder_source",
@@ -75,8 +89,47 @@ _NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 # Number of classes of the FedProx Synthetic(alpha, beta) data set.
 _SYNTHETIC_CLASSES = 10
 
+
 def _resolve_root(options: SourceOptions) -> str:
     return os.path.expanduser(options.root) if options.root else default_data_root()
+
+
+def _normalized(
+    raw: torch.Tensor, options: SourceOptions, local: FeatureTransform | None
+) -> tuple[torch.Tensor, FeatureTransform | None]:
+    """``raw`` features as ``options.normalization`` asks, and the transform applied (None: raw).
+
+    ``local`` is what this source applies by default (None: it leaves the features as they are).
+    """
+    transform = options.transform if options.normalization == "fixed" else None
+    if options.normalization == "local":
+        transform = local
+    if transform is None:
+        return raw, None
+    return transform.apply(raw).contiguous(), transform
+
+
+def _standardized_table(
+    features: np.ndarray, train_idx: np.ndarray, options: SourceOptions
+) -> tuple[torch.Tensor, FeatureTransform | None]:
+    """Tabular float64 ``features`` as float32, normalized as ``options.normalization`` asks.
+
+    ``local``: standardized with the mean and std of the train split, in float64 (a constant column is
+    only centred); ``none`` and ``fixed`` start from the features rounded to float32.
+    """
+    if options.normalization != "local":
+        return _normalized(torch.from_numpy(features.astype(np.float32)), options, None)
+    mean = features[train_idx].mean(axis=0)
+    std = features[train_idx].std(axis=0)
+    std[std == 0] = 1.0
+    x = torch.from_numpy(((features - mean) / std).astype(np.float32))
+    return x, FeatureTransform(STANDARDIZE, tuple(mean.tolist()), tuple(std.tolist()))
+
+
+def _published(name: str) -> FeatureTransform:
+    """The per-channel standardization of an image data set with its published mean and std."""
+    mean, std = _NORMALIZATION[name]
+    return FeatureTransform(STANDARDIZE, mean, std)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,14 +140,15 @@ def _resolve_root(options: SourceOptions) -> str:
 def load_digits_source(options: SourceOptions) -> Source:
     """Load scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); never downloads.
 
-    Pixel values ``0..16`` are scaled to ``[0, 1]`` and normalized with the data set's mean and std.
-    The test split is a seeded stratified ``options.test_fraction`` of the images.
+    Pixel values ``0..16`` are scaled to ``[0, 1]`` (the raw features) and, with ``local``
+    normalization, standardized with the data set's mean and std. The test split is a seeded
+    stratified ``options.test_fraction`` of the images.
     """
     from sklearn.datasets import load_digits
 
     features, labels = load_digits(return_X_y=True)
-    x = torch.from_numpy((features / 16.0).astype(np.float32)).view(-1, 1, 8, 8)
-    x = normalize_images(x, *_NORMALIZATION["digits"])
+    raw = torch.from_numpy((features / 16.0).astype(np.float32)).view(-1, 1, 8, 8)
+    x, transform = _normalized(raw, options, _published("digits"))
     y = torch.from_numpy(labels.astype(np.int64))
     train_idx, test_idx = split_indices(len(y), labels, options.test_fraction, options.seed)
     return Source(
@@ -104,6 +158,69 @@ def load_digits_source(options: SourceOptions) -> Source:
         input_shape=(1, 8, 8),
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
+        feature_transform=transform,
+    )
+
+
+def load_breast_cancer_source(options: SourceOptions) -> Source:
+    """Load scikit-learn's Wisconsin diagnostic breast cancer data (569 x 30, two classes); never downloads.
+
+    Street, Wolberg and Mangasarian (1993): 30 features of the cell nuclei in a fine-needle aspirate
+    image (mean, standard error and worst value of radius, texture, perimeter, area, ...), read from
+    the copy that ships inside scikit-learn. Class 0 is ``malignant`` (212 tumours), class 1 ``benign``
+    (357), as scikit-learn numbers them. The test split is a seeded stratified ``options.test_fraction``;
+    with ``local`` normalization the features are standardized with the train split's mean and std.
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    features = np.asarray(bunch.data, dtype=np.float64)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    train_idx, test_idx = split_indices(len(labels), labels, options.test_fraction, options.seed)
+    x, transform = _standardized_table(features, train_idx, options)
+    y = torch.from_numpy(labels)
+    return Source(
+        name="breast-cancer",
+        task=CLASSIFICATION,
+        num_classes=2,
+        input_shape=(features.shape[1],),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
+        class_names=tuple(str(n) for n in bunch.target_names),
+        feature_names=tuple(str(n) for n in bunch.feature_names),
+        feature_transform=transform,
+    )
+
+
+def load_diabetes_source(options: SourceOptions) -> Source:
+    """Load scikit-learn's diabetes data (442 patients x 10 features, regression); never downloads.
+
+    Efron, Hastie, Johnstone and Tibshirani (2004), "Least Angle Regression": age, sex, body mass
+    index, mean blood pressure and six blood serum measurements (``s1`` .. ``s6``) at baseline; the
+    target is a measure of disease progression one year later (25 to 346), ``float32`` of shape
+    ``(N, 1)``. The features are scikit-learn's unscaled copy (``scaled=False``: years, mmHg, ...),
+    the raw features of ``normalization="none"``; ``local`` standardizes them with the train split's
+    mean and std (scikit-learn's own scaled copy instead divides by ``std * sqrt(N)`` of all rows).
+    The target is never scaled. The test split is a seeded random ``options.test_fraction``.
+    """
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes(scaled=False)
+    features = np.asarray(bunch.data, dtype=np.float64)
+    targets = np.asarray(bunch.target, dtype=np.float64)
+    train_idx, test_idx = split_indices(len(targets), None, options.test_fraction, options.seed)
+    x, transform = _standardized_table(features, train_idx, options)
+    y = torch.from_numpy(targets.astype(np.float32)).view(-1, 1)
+    return Source(
+        name="diabetes",
+        task=REGRESSION,
+        num_classes=None,
+        input_shape=(features.shape[1],),
+        train=take(x, y, train_idx),
+        test=take(x, y, test_idx),
+        target_dim=1,
+        feature_names=tuple(str(n) for n in bunch.feature_names),
+        feature_transform=transform,
     )
 
 
@@ -131,7 +248,7 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         ds = _torchvision_split(cls, name, options, train)
         # ``.data`` is uint8 N x H x W; read it whole instead of iterating PIL images.
         x = ds.data.to(torch.float32).div_(255.0).unsqueeze(1)
-        x = normalize_images(x, *_NORMALIZATION[name])
+        x, transform = _normalized(x, options, _published(name))
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
         # MNIST's own names are "0 - zero", ...: its labels are the digits, "0".."9" (the default).
@@ -146,6 +263,7 @@ def _mnist_like(name: str, options: SourceOptions) -> Source:
         train=train_data,
         test=test_data,
         class_names=class_names,
+        feature_transform=transform,
     )
 
 
@@ -180,7 +298,7 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         ds = _torchvision_split(tvd.CIFAR10, "cifar10", options, train)
         # ``.data`` is a uint8 N x H x W x C array; convert to N x C x H x W in one go.
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        x = normalize_images(x, *_NORMALIZATION["cifar10"])
+        x, transform = _normalized(x, options, _published("cifar10"))
         y = torch.as_tensor(ds.targets, dtype=torch.int64)
         splits.append(TensorData(x=x.contiguous(), y=y))
         class_names = tuple(str(c) for c in ds.classes)  # "airplane", ..., from batches.meta
@@ -194,6 +312,7 @@ def load_cifar10_source(options: SourceOptions) -> Source:
         train=train_data,
         test=test_data,
         class_names=class_names,
+        feature_transform=transform,
     )
 
 
@@ -338,8 +457,9 @@ def load_csv_source(options: SourceOptions) -> Source:
     ``options.label_column`` holds the class label (integers or names, :mod:`datasets.labels`); labels
     are mapped to the index of their sorted distinct values (by value when all are integers), or to
     their place in ``options.class_names``. Every other column is a numeric feature: finite and within
-    the float32 range. Features are standardized with the mean and std of the train split (a constant
-    column is only centred).
+    the float32 range. With ``local`` normalization features are standardized with the mean and std of
+    the train split (a constant column is only centred); ``none`` keeps them raw; ``fixed`` applies the
+    given transform. The column names are the source's ``feature_names``.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -358,10 +478,7 @@ def load_csv_source(options: SourceOptions) -> Source:
     logger.debug("csv %s: label classes %s -> codes 0..%d", path, list(classes), len(classes) - 1)
 
     train_idx, test_idx = split_indices(len(codes), codes, options.test_fraction, options.seed)
-    mean = features[train_idx].mean(axis=0)
-    std = features[train_idx].std(axis=0)
-    std[std == 0] = 1.0
-    x = torch.from_numpy(((features - mean) / std).astype(np.float32))
+    x, transform = _standardized_table(features, train_idx, options)
     y = torch.from_numpy(codes)
     return Source(
         name="csv",
@@ -371,6 +488,8 @@ def load_csv_source(options: SourceOptions) -> Source:
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
         class_names=classes,
+        feature_names=tuple(feature_columns),
+        feature_transform=transform,
     )
 
 
@@ -393,8 +512,9 @@ def load_image_folder_source(options: SourceOptions) -> Source:
     (classes are the sorted folder names, or their place in ``options.class_names``), image files
     anywhere below it (:func:`datasets.files.scan_image_folder`). Special files with an image name
     (FIFO, socket, device, broken link) and hidden entries are skipped with a warning; they are never
-    opened. Images are converted to RGB, resized to ``options.image_size`` squared, scaled to
-    ``[0, 1]`` and normalized per channel with the mean and std of the train split.
+    opened. Images are converted to RGB, resized to ``options.image_size`` squared and scaled to
+    ``[0, 1]`` (the raw features); ``local`` normalization then standardizes them per channel with the
+    mean and std of the train split.
 
     Raises:
         FileNotFoundError: If the directory does not exist, holds no class folder with images, or
@@ -435,10 +555,13 @@ def load_image_folder_source(options: SourceOptions) -> Source:
         example_at=lambda i: str(scan.images[i][0]),
     )
     train_idx, test_idx = split_indices(len(labels), labels, options.test_fraction, options.seed)
-    index = torch.from_numpy(train_idx)
-    mean = x[index].mean(dim=(0, 2, 3))
-    std = x[index].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
-    x = normalize_images(x, tuple(mean.tolist()), tuple(std.tolist()))
+    local = None
+    if options.normalization == "local":
+        index = torch.from_numpy(train_idx)
+        mean = x[index].mean(dim=(0, 2, 3))
+        std = x[index].std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6)
+        local = FeatureTransform(STANDARDIZE, tuple(mean.tolist()), tuple(std.tolist()))
+    x, transform = _normalized(x, options, local)
     y = torch.from_numpy(labels)
     logger.info("loaded image folder %s: %d images, %d classes", root, len(labels), len(classes))
     return Source(
@@ -449,6 +572,7 @@ def load_image_folder_source(options: SourceOptions) -> Source:
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
         class_names=classes,
+        feature_transform=transform,
     )
 
 
@@ -469,6 +593,7 @@ def load_linear_source(options: SourceOptions) -> Source:
     ``x ~ N(0, I)`` with ``num_features`` features and ``y = x . w* + b* + eps`` with
     ``eps ~ N(0, noise_std^2)``; ``y`` has shape ``(N, 1)``. The true parameters are returned by
     :func:`linear_true_parameters`. ``num_samples`` examples are split randomly into train and test.
+    The features are left as drawn unless ``normalization`` is ``fixed``.
     """
     if options.num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 for a train/test split, got {options.num_samples}")
@@ -476,7 +601,7 @@ def load_linear_source(options: SourceOptions) -> Source:
     rng = np.random.default_rng([options.seed, 2])
     features = rng.standard_normal((options.num_samples, options.num_features))
     targets = features @ weights + bias + options.noise_std * rng.standard_normal(options.num_samples)
-    x = torch.from_numpy(features.astype(np.float32))
+    x, transform = _normalized(torch.from_numpy(features.astype(np.float32)), options, None)
     y = torch.from_numpy(targets.astype(np.float32)).view(-1, 1)
     train_idx, test_idx = split_indices(options.num_samples, None, options.test_fraction, options.seed)
     return Source(
@@ -487,6 +612,7 @@ def load_linear_source(options: SourceOptions) -> Source:
         train=take(x, y, train_idx),
         test=take(x, y, test_idx),
         target_dim=1,
+        feature_transform=transform,
     )
 
 
@@ -562,10 +688,8 @@ def load_synthetic_source(options: SourceOptions) -> Source:
         offset += num_train
 
     def as_data(xs: list[np.ndarray], ys: list[np.ndarray]) -> TensorData:
-        return TensorData(
-            x=torch.from_numpy(np.concatenate(xs).astype(np.float32)),
-            y=torch.from_numpy(np.concatenate(ys).astype(np.int64)),
-        )
+        x, _ = _normalized(torch.from_numpy(np.concatenate(xs).astype(np.float32)), options, None)
+        return TensorData(x=x, y=torch.from_numpy(np.concatenate(ys).astype(np.int64)))
 
     logger.info(
         "generated synthetic(%g, %g): %d devices, sizes %s",
@@ -582,4 +706,5 @@ def load_synthetic_source(options: SourceOptions) -> Source:
         train=as_data(train_x, train_y),
         test=as_data(test_x, test_y),
         natural_partitions=tuple(partitions),
+        feature_transform=options.transform,
     )

@@ -282,6 +282,11 @@ def group_partitions(groups: np.ndarray, num_partitions: int, seed: int) -> tupl
 def _check_length(options: SourceOptions) -> None:
     if options.max_length < 2:
         raise ValueError(f"max_length must be >= 2 tokens, got {options.max_length}")
+    if options.normalization == "fixed":
+        raise ValueError(
+            "normalization 'fixed' applies a feature transform to float features; the text sources hold token "
+            "ids: use 'local' or 'none' (both leave them as they are)"
+        )
 
 
 def load_text_source(options: SourceOptions) -> Source:

@@ -55,7 +55,7 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         "secagg-quantization-range", "secagg-max-weight",
     ),
     "the data split": (
-        "dataset", "data-path", "label-column", "class-names", "test-fraction", "num-samples", "num-features",
+        "dataset", "data-path", "image-size", "label-column", "class-names", "test-fraction", "num-samples", "num-features",
         "synthetic-alpha", "synthetic-beta", "partitioner", "num-partitions", "dirichlet-alpha",
         "classes-per-partition", "quantity-alpha", "min-partition-size", "seed", "text-column", "max-length",
     ),

@@ -190,6 +190,10 @@ class AppConfig:
     classes_per_partition: int = _opt(2, "shards partitioner: classes per client", min=1)
     quantity_alpha: float = _opt(1.0, "quantity-skew partitioner: size concentration", gt=0.0)
     min_partition_size: int = _opt(10, "smallest partition the partitioners may produce", min=1)
+    image_size: int = _opt(
+        32, "image-folder: images are resized to image-size x image-size pixels (all held in memory: 256 is 0.75 MiB each)",
+        min=8, max=256,
+    )
     # --- model ---
     model: str = _opt("auto", "model: auto (cnn for images, mlp for tabular, linear for regression)", choices=_model_names)
     hidden_size: int = _opt(128, "hidden width of the mlp", min=1)

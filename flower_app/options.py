@@ -163,6 +163,7 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         synthetic_alpha=cfg.synthetic_alpha,
         synthetic_beta=cfg.synthetic_beta,
         num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
+        image_size=cfg.image_size,
         text_column=cfg.text_column,
         tokenizer=cfg.hf_model,
         max_length=cfg.max_length,

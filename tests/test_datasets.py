@@ -22,8 +22,10 @@ from datasets import SOURCES, Source, SourceOptions, TensorData, linear_true_par
 
 def test_registry_names() -> None:
     assert sorted(SOURCES) == [
+        "breast-cancer",
         "cifar10",
         "csv",
+        "diabetes",
         "digits",
         "fashion-mnist",
         "image-folder",
@@ -36,7 +38,7 @@ def test_registry_names() -> None:
 
 
 def test_unknown_source_lists_names() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'mnsit'; choose one of: cifar10, csv, digits, fashion-mnist"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnsit'; choose one of: breast-cancer, cifar10, csv, diabetes, digits"):
         load_source("mnsit", SourceOptions())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from datasets import (
+    CLASS_LABEL_PARTITIONERS,
     PARTITIONER_NAMES,
     PARTITIONERS,
     PartitionOptions,
@@ -208,8 +210,58 @@ def test_quantity_skew_large_alpha_near_equal(data: tuple[np.ndarray, ...]) -> N
 @pytest.mark.parametrize("name", ["dirichlet", "shards"])
 def test_label_skew_needs_class_labels(name: str) -> None:
     targets = np.linspace(0.0, 1.0, 20)
-    with pytest.raises(ValueError, match="needs class labels"):
+    with pytest.raises(ValueError, match="needs class labels.*regression data can use one of: iid, quantity-skew, sorted$"):
         partition(name, targets, example_keys(targets.reshape(-1, 1)), PartitionOptions(num_partitions=2))
+
+
+@pytest.mark.parametrize("name", sorted(PARTITIONERS))
+def test_regression_targets_split_or_refused_as_the_registry_says(name: str) -> None:
+    # (N, 1) float32 targets, as the regression sources (linear, diabetes) hold them.
+    targets = np.random.default_rng(0).normal(150.0, 70.0, (90, 1)).astype(np.float32)
+    keys = example_keys(targets)
+    options = PartitionOptions(num_partitions=4, min_partition_size=5)
+    if name in CLASS_LABEL_PARTITIONERS:
+        with pytest.raises(ValueError, match=f"partitioner '{name}' needs class labels"):
+            partition(name, targets, keys, options)
+        return
+    parts = partition(name, targets, keys, options)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(90))
+    assert min(p.size for p in parts) >= 5
+
+
+def test_sorted_cuts_the_target_order_into_equal_blocks() -> None:
+    targets = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 0.0, 7.0])
+    keys = example_keys(targets.reshape(-1, 1))
+    parts = partition("sorted", targets, keys, PartitionOptions(num_partitions=3))
+    # Order by target: 5 (0.0), 1, 3, 4, 2, 0, 6 (7.0); blocks of 3, 2, 2.
+    assert [p.tolist() for p in parts] == [[1, 3, 5], [2, 4], [0, 6]]
+    # Distinct targets leave nothing to the seed; an (N, 1) column is read as (N,).
+    other = partition("sorted", targets.reshape(-1, 1), keys, PartitionOptions(num_partitions=3, seed=9))
+    assert [p.tolist() for p in other] == [p.tolist() for p in parts]
+
+
+def test_sorted_breaks_label_ties_by_seed(data: tuple[np.ndarray, ...]) -> None:
+    _, labels, keys = data
+    parts = partition("sorted", labels, keys, _options(num_partitions=6))
+    # Blocks of 80 in label order: every partition's labels are a contiguous range of classes.
+    for p in parts:
+        held = np.unique(labels[p])
+        assert held.tolist() == list(range(held.min(), held.max() + 1))
+    assert max(labels[parts[0]]) <= min(labels[parts[-1]])
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (np.zeros((10, 2)), r"shape \(N,\) or \(N, 1\)"),
+        (np.array([0.0, np.nan, 1.0, 2.0]), "NaN or infinite"),
+        (np.array(["a", "b", "c"]), "numeric"),
+    ],
+)
+def test_sorted_refuses_what_it_cannot_order(targets: np.ndarray, message: str) -> None:
+    keys = np.arange(len(targets), dtype=np.uint64)
+    with pytest.raises(ValueError, match=message):
+        partition("sorted", targets, keys, PartitionOptions(num_partitions=2))
 
 
 def test_unknown_partitioner_lists_names(data: tuple[np.ndarray, ...]) -> None:
@@ -392,6 +444,22 @@ def test_load_partition_natural_synthetic() -> None:
         assert len(train) + len(local) == natural.size
     with pytest.raises(ValueError, match="num_partitions=4"):
         load_partition(source, "natural", PartitionOptions(num_partitions=4), 0)
+    clear_partition_cache()
+
+
+@pytest.mark.parametrize("name", ["quantity-skew", "sorted"])
+def test_load_partition_diabetes_non_iid(name: str) -> None:
+    clear_partition_cache()
+    source = load_source("diabetes", SourceOptions())
+    options = PartitionOptions(num_partitions=4, quantity_alpha=0.5, min_partition_size=10)
+    loaded = [load_partition(source, name, options, p) for p in range(4)]
+    assert sum(len(t) + len(v) for t, v in loaded) == len(source.train)
+    assert all(t.y.shape[1:] == (1,) and t.y.dtype == torch.float32 for t, _ in loaded)
+    if name == "sorted":  # each site a range of disease progression, in order
+        assert [float(t.y.max()) <= float(u.y.min()) for (t, _), (u, _) in itertools.pairwise(loaded)] == [True] * 3
+    else:
+        sizes = [len(t) for t, _ in loaded]
+        assert max(sizes) > 2 * min(sizes), sizes
     clear_partition_cache()
 
 
