@@ -74,9 +74,9 @@ def measure(method: str, millions: float, clients: int, repeats: int, threads: i
     from flwr.server.strategy import FedAvg
     from flwr.server.strategy.aggregate import aggregate
 
+    from flower_app.inprocess import DetachedProxy
     from strategies.base import FederatedStrategy, StrategyOptions
     from strategies.streaming import blocked_weighted_mean
-    from tests.strategy_utils import FakeProxy
 
     shapes = transformer_shapes(millions)
     rng = np.random.default_rng(0)
@@ -86,7 +86,7 @@ def measure(method: str, millions: float, clients: int, repeats: int, threads: i
     results = []
     for i in range(clients):
         update = [w + np.float32(0.01) * rng.standard_normal(w.shape, dtype=np.float32) for w in global_weights]
-        results.append((FakeProxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), examples[i], {})))
+        results.append((DetachedProxy(str(i)), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), examples[i], {})))
         del update
     if method in ("flwr-aggregate", "blocked-mean"):
         arrays = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from strategies import STRATEGIES, get_rule
 from strategies.aggregators import AGGREGATOR_PARAMS_USED, AGGREGATOR_SPECS, AGGREGATORS
@@ -527,4 +527,4 @@ def help_table() -> list[tuple[str, Scalar, str]]:
 
     Keys that only some rules or aggregators read say which, from the registries.
     """
-    return [(k, f.default, f.metadata["help"] + _readers(k)) for k, f in FIELDS.items()]
+    return [(k, cast(Scalar, f.default), f.metadata["help"] + _readers(k)) for k, f in FIELDS.items()]

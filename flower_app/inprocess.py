@@ -50,6 +50,28 @@ class LocalProxy(ClientProxy):
         raise NotImplementedError
 
 
+class DetachedProxy(ClientProxy):
+    """A client known only by its id: the caller builds its replies and hands them to the strategy.
+
+    For driving `aggregate_fit` / `aggregate_evaluate` directly (tests, benchmarks); never called.
+    """
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def get_parameters(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def fit(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def evaluate(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def reconnect(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
 def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: int) -> None:
     """Run `num_rounds` rounds of `strategy` over `clients`; client exceptions become failures."""
     manager = SimpleClientManager()

@@ -8,26 +8,8 @@ from typing import Any
 import numpy as np
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_manager import SimpleClientManager
-from flwr.server.client_proxy import ClientProxy
 
-
-class FakeProxy(ClientProxy):
-    """A client that is only ever addressed through the strategy (never called)."""
-
-    def get_properties(self, ins: Any, timeout: Any, group_id: Any) -> Any:
-        raise NotImplementedError
-
-    def get_parameters(self, ins: Any, timeout: Any, group_id: Any) -> Any:
-        raise NotImplementedError
-
-    def fit(self, ins: Any, timeout: Any, group_id: Any) -> Any:
-        raise NotImplementedError
-
-    def evaluate(self, ins: Any, timeout: Any, group_id: Any) -> Any:
-        raise NotImplementedError
-
-    def reconnect(self, ins: Any, timeout: Any, group_id: Any) -> Any:
-        raise NotImplementedError
+from flower_app.inprocess import DetachedProxy as FakeProxy
 
 
 def client_manager(n: int) -> tuple[SimpleClientManager, list[FakeProxy]]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 
 from flower_app.config import (

@@ -75,7 +75,7 @@ def honest_clients(n: int = 5) -> list[list[np.ndarray]]:
 @pytest.mark.parametrize(("rule", "aggregator"), combos())
 def test_every_rule_aggregates_hand_made_replies(rule: str, aggregator: str) -> None:
     strategy = make(rule, aggregator)
-    params, metrics = run_round(strategy, honest_clients(), [10, 20, 30, 40, 50])
+    params, _metrics = run_round(strategy, honest_clients(), [10, 20, 30, 40, 50])
     assert params is not None
     out = to_arrays(params)
     assert [a.shape for a in out] == SHAPES
