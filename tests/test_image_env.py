@@ -167,13 +167,13 @@ def _flwr_run(group: Cluster, image_env: ImageEnv, name: str, config: dict[str, 
 def test_a_lora_run_with_differential_privacy_in_the_image_environment(superlink: Cluster, image_env: ImageEnv) -> None:
     model = make_encoder(image_env.work / "encoder")
     data = write_sentences(image_env.work / "sentences", groups=2, per_group=24)
-    out = image_env.work / "run"
+    out = image_env.work / "outputs" / "run"  # output-dir/<run-name>
     logs = _flwr_run(superlink, image_env, "lora-dp-run", {
         "dataset": "text", "data-path": data, "hf-model": str(model), "partitioner": "natural",
         "num-partitions": 2, "min-partition-size": 5, "max-length": 16, "batch-size": 8, "local-epochs": 1,
         "lora-rank": 4, "dp-mode": "central-server", "dp-noise-multiplier": 1.0, "num-server-rounds": 1,
         "fraction-evaluate": 0.0, "min-fit-clients": 2, "min-available-clients": 2, "test-fraction": 0.25,
-        "device": "cpu", "output-dir": str(out),
+        "device": "cpu", "output-dir": str(out.parent), "run-name": out.name,
     })
     assert (out / "metrics.csv").exists(), logs[-4000:]
     last = pd.read_csv(out / "metrics.csv").iloc[-1]
