@@ -42,7 +42,10 @@ def finetune_options(cfg: AppConfig, cache: bool) -> FineTuneOptions:
         target_modules=split_names(cfg.lora_target_modules),
         modules_to_save=split_names(cfg.lora_modules_to_save),
     )
-    return FineTuneOptions(hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache)
+    return FineTuneOptions(
+        hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache,
+        model_cache_dir=cfg.model_cache_dir, gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
 
 def compression_config(cfg: AppConfig) -> CompressionConfig:
@@ -106,6 +109,7 @@ class FlowerClient(NumPyClient):
                 grad_accumulation_steps=self.cfg.grad_accumulation_steps,
                 proximal_mu=float(config.get("proximal-mu", 0.0)),
                 optimizer=self.cfg.client_optimizer,
+                max_steps=self.cfg.max_local_steps,
             )
             # SCAFFOLD: this client's c_i, read once from node state (zeros before its first round).
             own = (_load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]) if self.rule.scaffold else []
@@ -140,7 +144,7 @@ class FlowerClient(NumPyClient):
     # ------------------------------------------------------------------------- FedSGD
     def _gradient_payload(self, global_weights: NDArrays, loader: torch.utils.data.DataLoader) -> tuple[NDArrays, float]:
         """Gradients for trainable arrays; for buffers, w_global - b_local (averages them)."""
-        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device)
+        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device, self.cfg.max_local_steps)
         local = get_weights(self.model, self.spec)
         it = iter(grads)
         payload = [

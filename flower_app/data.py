@@ -12,9 +12,10 @@ import torch
 # Simulation keeps client processes (Ray actors) alive across rounds: sources load once per process.
 from datasets import PartitionOptions, Source, SourceOptions, TensorData, load_partition, load_source_cached
 from flower_app.config import AppConfig, ConfigError
+from flower_app.gguf_cache import resolve_model
 from flower_app.task import ModelInfo
 
-LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm")
+LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm", "instructions")
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         synthetic_beta=cfg.synthetic_beta,
         num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
         text_column=cfg.text_column,
-        tokenizer=cfg.hf_model,
+        tokenizer=resolve_model(cfg.hf_model, cfg.model_cache_dir),  # a GGUF file: its converted directory
         max_length=cfg.max_length,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
     )
 
 
