@@ -23,6 +23,9 @@ Registered sources (see :data:`SOURCES`):
     Labelled texts (sequence classification) and running text (causal language modelling) from
     txt/csv/tsv/jsonl files, tokenized with ``tokenizer``; one natural partition group per file
     (:mod:`datasets.text`).
+``instructions``
+    Prompt/response pairs (jsonl, csv) for instruction tuning, formatted with the tokenizer's chat
+    template, labels on the response only (:mod:`datasets.instructions`).
 
 Conventions for every source: features are ``float32``; images are ``N x C x H x W``, scaled to
 ``[0, 1]`` and then normalized per channel; classification labels are ``int64`` class indices in
@@ -163,7 +166,8 @@ class SourceOptions:
             with the others about what each index means.
         text_column: ``text``, ``text-lm``: column (csv, tsv, jsonl) holding the text.
         tokenizer: ``text``, ``text-lm``: the model directory or hub id whose tokenizer encodes the text.
-        max_length: ``text``, ``text-lm``: tokens per example (longer texts are cut, shorter ones padded).
+        max_length: ``text``, ``text-lm``, ``instructions``: tokens per example (longer texts are cut, shorter ones padded).
+        prompt_column, response_column: ``instructions``: the columns of the instruction and its answer.
     """
 
     root: str = ""
@@ -183,6 +187,8 @@ class SourceOptions:
     text_column: str = "text"
     tokenizer: str = ""
     max_length: int = 128
+    prompt_column: str = "prompt"
+    response_column: str = "response"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.test_fraction < 1.0:
@@ -658,6 +664,7 @@ SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "synthetic": load_synthetic_source,
     "text": lambda options: _text_module().load_text_source(options),
     "text-lm": lambda options: _text_module().load_text_lm_source(options),
+    "instructions": lambda options: _instructions_module().load_instructions_source(options),
 }
 """Registry of sources by name; :func:`load_source` is the entry point."""
 
@@ -667,6 +674,12 @@ def _text_module() -> Any:
     from . import text
 
     return text
+
+
+def _instructions_module() -> Any:
+    from . import instructions  # imports this module and transformers: loaded when used
+
+    return instructions
 
 
 def load_source(name: str, options: SourceOptions) -> Source:
