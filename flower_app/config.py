@@ -169,7 +169,7 @@ class AppConfig:
     )
     # --- transformers / LoRA (flower_app/hf_models.py; README "Fine-tuning transformers with LoRA") ---
     hf_model: str = _opt(
-        "", "Hugging Face model, a local directory or a hub id: the hf-* models' weights and the text datasets' tokenizer"
+        "", "Hugging Face model, a local directory, a hub id or a GGUF file: the hf-* models' weights and the text datasets' tokenizer"
     )
     hf_dtype: str = _opt(
         "float32", "dtype the hf-* model's weights load in (LoRA adapters stay float32)",
