@@ -318,7 +318,7 @@ def summarize(rounds: pd.DataFrame, full_parameters: int) -> pd.DataFrame:
     return summary
 
 
-def plot(rounds: pd.DataFrame, path: Path) -> None:
+def plot(rounds: pd.DataFrame, path: Path, full_bytes: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,6 +331,8 @@ def plot(rounds: pd.DataFrame, path: Path) -> None:
         axes[1].plot(group["round"], group["central_perplexity_review"], marker="o", label=name)
         done = group[group["round"] > 0]
         axes[2].plot(done["round"], done["bytes_received_per_client"], marker="o", label=name)
+    if full_bytes:
+        axes[2].axhline(full_bytes, color="k", linestyle="--", label="full fine-tuning (float32)")
     axes[0].set(title="sentiment accuracy (scoring the two answers)", xlabel="round", ylabel="accuracy (%)")
     axes[1].set(title="held-out perplexity of written reviews", xlabel="round", ylabel="perplexity")
     axes[2].set(title="bytes one client uploads per round", xlabel="round", ylabel="bytes", yscale="log")
@@ -369,6 +371,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_llm"), help="data, run outputs and adapters")
     parser.add_argument("--model-cache-dir", type=Path, default=None, help="GGUF conversions (default: WORKDIR/models)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--from-csv", action="store_true", help="only redo summary and plot from --out/llm_rounds.csv")
     parser.add_argument("--measure-client", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -380,6 +383,12 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.measure_client:
         print(json.dumps(measure_client(json.loads(args.measure_client))))
+        return
+    if args.from_csv:
+        rounds = pd.read_csv(args.out / "llm_rounds.csv")
+        full_parameters = int(json.loads((args.out / "llm_settings.json").read_text())["full_parameters"])
+        summarize(rounds, full_parameters).to_csv(args.out / "llm_summary.csv", index=False)
+        plot(rounds, args.out / "llm.png", 4.0 * full_parameters)
         return
     if args.model is None:
         parser.error("--model is required: the SmolLM2-135M-Instruct GGUF file (see the module docstring)")
@@ -424,7 +433,7 @@ def main() -> None:
     examples.to_csv(args.out / "llm_examples.csv", index=False)
     summary = summarize(rounds, full_parameters)
     summary.to_csv(args.out / "llm_summary.csv", index=False)
-    plot(rounds, args.out / "llm.png")
+    plot(rounds, args.out / "llm.png", 4.0 * full_parameters)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "measure_client"}
     settings.update(full_parameters=full_parameters, load_average_end=os.getloadavg())
     (args.out / "llm_settings.json").write_text(json.dumps(settings, indent=2))
