@@ -345,7 +345,9 @@ class SourceOptions:
             what each index means, and a file with a single class is refused.
         text_column: ``text``, ``text-lm``: column (csv, tsv, jsonl) holding the text.
         tokenizer: ``text``, ``text-lm``: the model directory or hub id whose tokenizer encodes the text.
-        max_length: ``text``, ``text-lm``: tokens per example (longer texts are cut, shorter ones padded).
+        max_length: ``text``, ``text-lm``, ``instructions``: tokens per example (longer texts are cut,
+            shorter ones padded).
+        prompt_column, response_column: ``instructions``: the columns of the instruction and its answer.
         normalization: How features are normalized (:data:`NORMALIZATIONS`): ``"local"`` as each source
             always has, from the node's own data or published constants (the default); ``"none"``: raw
             features (images scaled to ``[0, 1]``), to compute statistics across nodes from; ``"fixed"``:
@@ -371,6 +373,8 @@ class SourceOptions:
     text_column: str = "text"
     tokenizer: str = ""
     max_length: int = 128
+    prompt_column: str = "prompt"
+    response_column: str = "response"
     normalization: str = "local"
     transform: FeatureTransform | None = None
 

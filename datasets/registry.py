@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import sources, text
+from . import instructions, sources, text
 from .core import Source, SourceOptions
 
 __all__ = ["SOURCES", "load_source"]
@@ -25,6 +25,7 @@ SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "synthetic": sources.load_synthetic_source,
     "text": text.load_text_source,
     "text-lm": text.load_text_lm_source,
+    "instructions": instructions.load_instructions_source,
 }
 """Registry of sources by name; :func:`load_source` is the entry point."""
 

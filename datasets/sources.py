@@ -23,7 +23,8 @@ them. Sources do no partitioning; :mod:`datasets.partitioners` splits ``Source.t
 ``synthetic``
     Synthetic(alpha, beta) of FedProx (Li et al., 2020), with one natural partition per device.
 
-The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`.
+The text sources (``text``, ``text-lm``) are in :mod:`datasets.text`; instruction tuning data
+(``instructions``: prompt/response pairs, labels on the response only) in :mod:`datasets.instructions`.
 
 Every source here honours :attr:`~datasets.core.SourceOptions.normalization`: ``local`` normalizes as
 described per source, ``none`` returns raw features (images in ``[0, 1]``), ``fixed`` applies the given

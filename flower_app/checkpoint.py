@@ -58,6 +58,7 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         "dataset", "data-path", "image-size", "label-column", "class-names", "test-fraction", "num-samples", "num-features",
         "synthetic-alpha", "synthetic-beta", "partitioner", "num-partitions", "dirichlet-alpha",
         "classes-per-partition", "quantity-alpha", "min-partition-size", "seed", "text-column", "max-length",
+        "prompt-column", "response-column",
     ),
     "what the checkpoint's weights and server state are": (
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
@@ -74,6 +75,7 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "local-epochs", "batch-size", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps",
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
+    "model-cache-dir", "answer-scoring", "gradient-checkpointing", "max-local-steps",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

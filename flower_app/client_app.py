@@ -126,7 +126,7 @@ class FlowerClient(NumPyClient):
     # ------------------------------------------------------------------------- FedSGD
     def _gradient_payload(self, global_weights: NDArrays, loader: torch.utils.data.DataLoader) -> tuple[NDArrays, float]:
         """Gradients for trainable arrays; for buffers, w_global - b_local (averages them)."""
-        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device)
+        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device, self.options.max_steps)
         local = get_weights(self.model, self.spec)
         return fedsgd_payload(grads, global_weights, local, self.spec.trainable), loss
 
@@ -141,7 +141,7 @@ class FlowerClient(NumPyClient):
         """Option II: c_i+ = c_i - c + (x - y_i) / (K * lr); returns c_i+ - c_i and stores c_i+."""
         x = [w for w, t in zip(start, self.spec.trainable) if t]
         y = [w for w, t in zip(end, self.spec.trainable) if t]
-        new_own, delta = scaffold_control_update(own, control, x, y, steps, self.cfg.learning_rate)
+        new_own, delta = scaffold_control_update(own, control, x, y, steps, self.options.learning_rate)
         _store(self.state, CONTROL_KEY, new_own)
         return delta
 

@@ -240,7 +240,7 @@ class AppConfig:
     )
     # --- transformers / LoRA (flower_app/hf_models.py; README "Fine-tuning transformers with LoRA") ---
     hf_model: str = _opt(
-        "", "Hugging Face model, a local directory or a hub id: the hf-* models' weights and the text datasets' tokenizer"
+        "", "Hugging Face model, a local directory, a hub id or a GGUF file: the hf-* models' weights and the text datasets' tokenizer"
     )
     hf_dtype: str = _opt(
         "float32", "dtype the hf-* model's weights load in (LoRA adapters stay float32)",
@@ -261,6 +261,20 @@ class AppConfig:
     )
     text_column: str = _opt("text", "text column of csv, tsv and jsonl files (datasets text, text-lm)")
     max_length: int = _opt(128, "tokens per example of the text datasets (longer texts are cut)", min=2)
+    # --- LLM instruction tuning (README "Instruction tuning of an LLM") ---
+    model_cache_dir: str = _opt(
+        "", "where a node keeps the safetensors conversion of a GGUF hf-model ('' = ~/.cache/flower_app/models)"
+    )
+    prompt_column: str = _opt("prompt", "instruction column of the instructions dataset's files")
+    response_column: str = _opt("response", "answer column of the instructions dataset's files")
+    answer_scoring: str = _opt(
+        "sum", "instructions with candidates: pick the answer by sum or mean log-likelihood, or greedy generation",
+        choices=("sum", "mean", "greedy"),
+    )
+    gradient_checkpointing: bool = _opt(False, "hf-* models: recompute activations in the backward pass (less memory)")
+    max_local_steps: int = _opt(
+        0, "at most this many optimizer steps per round (fedsgd: batches per gradient); 0 = local-epochs decide", min=0
+    )
     # --- outputs and experiment tracking (flower_app/outputs.py; README "Outputs") ---
     run_name: str = _opt(
         "", "this run's folder in output-dir ('' = a new generated name, YYYYmmdd-HHMMSS-<strategy>-<dataset>)"
@@ -402,7 +416,7 @@ class AppConfig:
 
     def _check_finetune(self) -> None:
         """The transformers / LoRA section: models, text data and tokenizer must fit together."""
-        text_models = {"text": "hf-sequence-classification", "text-lm": "hf-causal-lm"}
+        text_models = {"text": "hf-sequence-classification", "text-lm": "hf-causal-lm", "instructions": "hf-causal-lm"}
         hf_models = set(text_models.values())
         if self.dataset in text_models and self.model not in ("auto", text_models[self.dataset]):
             raise ConfigError(
@@ -410,8 +424,8 @@ class AppConfig:
                 f"got '{self.model}'"
             )
         if self.model in hf_models and text_models.get(self.dataset) != self.model:
-            wanted = next(d for d, m in text_models.items() if m == self.model)
-            raise ConfigError(f"model '{self.model}' reads token ids: set dataset='{wanted}', got '{self.dataset}'")
+            wanted = " or ".join(f"'{d}'" for d, m in text_models.items() if m == self.model)
+            raise ConfigError(f"model '{self.model}' reads token ids: set dataset={wanted}, got '{self.dataset}'")
         uses_hf = self.model in hf_models or self.dataset in text_models
         if uses_hf and not self.hf_model:
             raise ConfigError(
@@ -433,9 +447,19 @@ class AppConfig:
                 f"hf-model is read by the hf-* models and the text datasets; model is '{self.model}', "
                 f"dataset '{self.dataset}'"
             )
-        text_keys = [_kebab(k) for k in ("text_column", "max_length") if getattr(self, k) != defaults[k]]
-        if text_keys and self.dataset not in text_models:
+        text_keys = [_kebab(k) for k in ("text_column",) if getattr(self, k) != defaults[k]]
+        if text_keys and self.dataset not in ("text", "text-lm"):
             raise ConfigError(f"{', '.join(text_keys)} apply to the datasets text and text-lm; dataset is '{self.dataset}'")
+        if self.max_length != defaults["max_length"] and self.dataset not in text_models:
+            raise ConfigError(f"max-length applies to the datasets {', '.join(text_models)}; dataset is '{self.dataset}'")
+        keys = ("prompt_column", "response_column", "answer_scoring")
+        instruction_keys = [_kebab(k) for k in keys if getattr(self, k) != defaults[k]]
+        if instruction_keys and self.dataset != "instructions":
+            raise ConfigError(f"{', '.join(instruction_keys)} apply to dataset 'instructions'; dataset is '{self.dataset}'")
+        if self.gradient_checkpointing and not uses_hf:
+            raise ConfigError(f"gradient-checkpointing applies to the hf-* models; model is '{self.model}'")
+        if self.model_cache_dir and not self.hf_model.lower().endswith(".gguf"):
+            raise ConfigError("model-cache-dir holds conversions of GGUF files; hf-model is not a .gguf file")
         if self.client_optimizer == "adamw" and self.client_momentum != 0.0:
             raise ConfigError("client-momentum is for client-optimizer 'sgd'; adamw keeps its own moments")
 

@@ -15,7 +15,7 @@ from flower_app.config import AppConfig, ConfigError
 from flower_app.options import partition_options, source_options
 from flower_app.task import ModelInfo
 
-LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm")
+LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm", "instructions")
 
 
 @dataclass(frozen=True)

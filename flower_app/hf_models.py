@@ -81,9 +81,11 @@ class LoraOptions:
 class FineTuneOptions:
     """What a fine-tuning model needs besides the data's `ModelInfo`."""
 
-    hf_model: str = ""  # local directory or hub id (hf-* models)
+    hf_model: str = ""  # local directory, hub id or GGUF file (hf-* models)
     dtype: str = "float32"  # hf-* models: of the loaded weights (peft keeps LoRA adapters in float32)
     lora: LoraOptions = field(default_factory=LoraOptions)
+    model_cache_dir: str = ""  # where GGUF files are converted to ('' = flower_app.gguf_cache.default_cache_dir)
+    gradient_checkpointing: bool = False  # hf-* models: recompute activations in the backward pass
     cache: bool = False  # hand out the model built before with the same options (client processes)
 
     def __post_init__(self) -> None:
@@ -95,9 +97,12 @@ class FineTuneOptions:
 class TokenModel(nn.Module):
     """Token ids ``N x L`` (int64, right-padded) -> logits, for `task.train` / `task.evaluate`.
 
-    The attention mask is ``input_ids != pad_token_id``. Columns after the last non-padding token of the
-    batch are cut before the forward pass: with right padding the other positions' outputs do not change,
-    and short sentences in a long ``max-length`` cost only their own length.
+    Padding is each row's *trailing* run of ``pad_token_id``: the same id inside the text is a token (SmolLM2
+    pads with ``<|im_end|>``, which also ends every chat turn; `datasets.instructions`). The attention mask
+    is 0 on the padding. Columns after the batch's last non-padding token but one are cut before the forward
+    pass: with right padding the other positions' outputs do not change, short sentences in a long
+    ``max-length`` cost only their own length, and the one padding column kept gives the logits that predict
+    a last token which equals the padding id (an end-of-text label).
     """
 
     def __init__(self, net: nn.Module, pad_token_id: int) -> None:
@@ -105,15 +110,20 @@ class TokenModel(nn.Module):
         self.net = net
         self.pad_token_id = int(pad_token_id)
 
+    def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """1 up to each row's last non-padding token, 0 on the trailing padding."""
+        real = input_ids.ne(self.pad_token_id).long()
+        return real.flip(1).cumsum(1).flip(1).gt(0).long()
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.dtype != torch.int64 or input_ids.dim() != 2:
             raise ValueError(f"expected int64 token ids of shape (N, L), got {input_ids.dtype} {tuple(input_ids.shape)}")
-        mask = input_ids.ne(self.pad_token_id)
+        mask = self.attention_mask(input_ids)
         used = torch.nonzero(mask.any(0))
-        length = int(used.max()) + 1 if used.numel() else 1
+        length = min(int(used.max()) + 2, input_ids.shape[1]) if used.numel() else 1
         if length < input_ids.shape[1]:
             input_ids, mask = input_ids[:, :length], mask[:, :length]
-        return self.net(input_ids=input_ids, attention_mask=mask.long()).logits
+        return self.net(input_ids=input_ids, attention_mask=mask).logits
 
 
 class ImageModel(nn.Module):
@@ -199,24 +209,30 @@ def _from_pretrained(cls: Any, path: str, options: FineTuneOptions, **kwargs: An
 
 def _build_hf(name: str, info: Any, options: FineTuneOptions) -> TokenModel:
     if not options.hf_model:
-        raise ValueError(f"model '{name}' needs hf-model: a model directory or a hub id")
+        raise ValueError(f"model '{name}' needs hf-model: a model directory, a hub id or a GGUF file")
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from datasets.text import load_tokenizer
+    from flower_app.gguf_cache import resolve_model
 
     expected = HF_TASK_MODELS[name]
     if info.task != expected:
         raise ValueError(f"model '{name}' is for {expected} data, but the data's task is '{info.task}'")
-    pad_id = load_tokenizer(options.hf_model).pad_token_id
+    path = resolve_model(options.hf_model, options.model_cache_dir)  # a GGUF file: its converted copy
+    pad_id = load_tokenizer(path).pad_token_id
     if name == "hf-sequence-classification":
         # A checkpoint with another head size gets a new head (the body's weights load as they are).
         net: Any = _from_pretrained(
-            AutoModelForSequenceClassification, options.hf_model, options,
+            AutoModelForSequenceClassification, path, options,
             num_labels=info.num_outputs, ignore_mismatched_sizes=True,
         )
         net.config.pad_token_id = pad_id
     else:
-        net = _from_pretrained(AutoModelForCausalLM, options.hf_model, options)
+        net = _from_pretrained(AutoModelForCausalLM, path, options)
+    if options.gradient_checkpointing:
+        # Non-reentrant checkpointing also works when only adapters need gradients (frozen inputs).
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False
     net = _with_lora(net, name, options.lora, default_head=None)
     return TokenModel(net, pad_id)
 

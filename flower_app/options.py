@@ -14,6 +14,7 @@ from typing import Any
 
 from datasets import PartitionOptions, SourceOptions
 from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig
+from flower_app.gguf_cache import resolve_model
 from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
 from flower_app.task import TrainOptions
 from strategies import get_rule
@@ -123,6 +124,7 @@ def train_options(cfg: AppConfig) -> TrainOptions:
         grad_accumulation_steps=cfg.grad_accumulation_steps,
         proximal_mu=cfg.proximal_mu if get_rule(cfg.strategy).proximal else 0.0,
         optimizer=cfg.client_optimizer,
+        max_steps=cfg.max_local_steps,
     )
 
 
@@ -144,7 +146,10 @@ def finetune_options(cfg: AppConfig, cache: bool) -> FineTuneOptions:
         target_modules=split_names(cfg.lora_target_modules),
         modules_to_save=split_names(cfg.lora_modules_to_save),
     )
-    return FineTuneOptions(hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache)
+    return FineTuneOptions(
+        hf_model=cfg.hf_model, dtype=cfg.hf_dtype, lora=lora, cache=cache,
+        model_cache_dir=cfg.model_cache_dir, gradient_checkpointing=cfg.gradient_checkpointing,
+    )
 
 
 def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int | None = None) -> SourceOptions:
@@ -165,8 +170,10 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         num_partitions=num_partitions if num_partitions is not None else max(cfg.num_partitions, 1),
         image_size=cfg.image_size,
         text_column=cfg.text_column,
-        tokenizer=cfg.hf_model,
+        tokenizer=resolve_model(cfg.hf_model, cfg.model_cache_dir),  # a GGUF file: its converted directory
         max_length=cfg.max_length,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
     )
 
 

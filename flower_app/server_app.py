@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.hf_models import save_pretrained
+from flower_app.instruct import instruction_evaluator
 from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
 from flower_app.outputs import RunRecorder
 from flower_app.server_privacy import privacy_hooks
@@ -63,9 +64,12 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
     # Transformers evaluate at the training batch size: 256 sequences of vocabulary-sized logits may not fit.
     eval_batch = cfg.batch_size if resolve_model_name(cfg.model, info) in FINETUNE_MODELS else max(cfg.batch_size, 256)
     test_loader = make_loader(source.test.x, source.test.y, batch_size=eval_batch, shuffle=False)
+    instructions = instruction_evaluator(cfg, source, device, eval_batch)  # perplexity, answer accuracy
 
     def evaluate_fn(weights: list[np.ndarray]) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, spec, weights)
+        if instructions is not None:
+            return instructions(model)  # type: ignore[return-value]
         loss, accuracy, _ = evaluate(model, test_loader, info.task, device)
         return loss, ({"accuracy": accuracy} if accuracy is not None else {})
 

@@ -83,6 +83,11 @@ class StrategyOptions:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
 
 
+def _central_extras(metrics: Mapping[str, Scalar]) -> dict[str, float]:
+    """Centralized metrics besides accuracy (perplexity, per-task figures) as ``central_<name>`` columns."""
+    return {f"central_{k}": float(v) for k, v in metrics.items() if k != "accuracy" and isinstance(v, (int, float))}
+
+
 class RoundObserver(Protocol):
     def __call__(self, record: RoundRecord, strategy: FederatedStrategy) -> None: ...
 
@@ -254,11 +259,13 @@ class FederatedStrategy(Strategy):
         if server_round == 0:
             if self.start_round == 0:
                 record = RoundRecord(round=0, central_loss=loss, central_accuracy=float(metrics.get("accuracy", math.nan)))
+                record.extra.update(_central_extras(metrics))
                 self._notify(record)
             return loss, metrics
         record = self._ensure_record(server_round)
         record.central_loss = loss
         record.central_accuracy = float(metrics.get("accuracy", math.nan))
+        record.extra.update(_central_extras(metrics))
         return loss, metrics
 
     def configure_evaluate(

@@ -29,6 +29,7 @@ def test_registry_names() -> None:
         "digits",
         "fashion-mnist",
         "image-folder",
+        "instructions",
         "linear",
         "mnist",
         "synthetic",

@@ -306,7 +306,7 @@ def test_compressed_lora_updates_and_the_bytes_each_client_sends(
         ({"client-optimizer": "adam"}, "choose one of: sgd, adamw"),
         ({"hf-dtype": "int8"}, "choose one of: float32, bfloat16, float16"),
         ({"hf-model": "/models/x"}, "hf-model is read by the hf-\\* models and the text datasets"),
-        ({"max-length": 64}, "max-length apply to the datasets text and text-lm"),
+        ({"max-length": 64}, "max-length applies to the datasets text, text-lm, instructions"),
     ],
 )
 def test_config_rejects_what_cannot_work(overrides: dict[str, object], message: str) -> None:
