@@ -191,7 +191,10 @@ class AppConfig:
     quantity_alpha: float = _opt(1.0, "quantity-skew partitioner: size concentration", gt=0.0)
     min_partition_size: int = _opt(10, "smallest partition the partitioners may produce", min=1)
     # --- model ---
-    model: str = _opt("auto", "model: auto (cnn for images, mlp for tabular, linear for regression)", choices=_model_names)
+    model: str = _opt(
+        "auto", "model: auto (cnn for images, mlp for tabular, linear for regression), a registered name, or your "
+        "own factory 'package.module:factory' (README \"Your own model\")"
+    )
     hidden_size: int = _opt(128, "hidden width of the mlp", min=1)
     # --- compressed updates ---
     send_delta: bool = _opt(False, "clients send w_local - w_global instead of their weights")
@@ -301,8 +304,30 @@ class AppConfig:
                 "dataset 'synthetic' generates one device per client: set num-partitions to the number of clients "
                 "(0 would let the server and the clients generate different data)"
             )
+        self._check_model()
         self._check_finetune()
         self._check_privacy()
+
+    def _check_model(self) -> None:
+        """A registered model, or the syntax of an own factory's import path (imported only when the model is built)."""
+        from flower_app.model_factory import import_path_problem, is_import_path
+
+        names = _model_names()
+        if self.model in names:
+            return
+        if not is_import_path(self.model):
+            raise ConfigError(
+                f"run-config key 'model': unknown value {self.model!r}; choose one of: {', '.join(names)}, or your own "
+                "factory as 'package.module:factory' (README \"Your own model\")"
+            )
+        problem = import_path_problem(self.model)
+        if problem is not None:
+            raise ConfigError(f"run-config key 'model': {problem}")
+        if self.hidden_size != FIELD_DEFAULTS["hidden-size"]:
+            raise ConfigError(
+                f"hidden-size is the width of the built-in mlp; model '{self.model}' is your own factory, which gets "
+                "only the data's ModelInfo: leave hidden-size at the default"
+            )
 
     def _check_unread_keys(self) -> None:
         """A rule- or aggregator-specific key set to a non-default value that this run does not read is a mistake."""
@@ -400,10 +425,11 @@ class AppConfig:
         """The transformers / LoRA section: models, text data and tokenizer must fit together."""
         text_models = {"text": "hf-sequence-classification", "text-lm": "hf-causal-lm"}
         hf_models = set(text_models.values())
-        if self.dataset in text_models and self.model not in ("auto", text_models[self.dataset]):
+        own = ":" in self.model  # the user's own factory gets input_kind 'tokens' (flower_app.task.ModelInfo)
+        if self.dataset in text_models and self.model not in ("auto", text_models[self.dataset]) and not own:
             raise ConfigError(
-                f"dataset '{self.dataset}' holds token ids: model must be 'auto' or '{text_models[self.dataset]}', "
-                f"got '{self.model}'"
+                f"dataset '{self.dataset}' holds token ids: model must be 'auto', '{text_models[self.dataset]}' or "
+                f"your own factory 'package.module:factory', got '{self.model}'"
             )
         if self.model in hf_models and text_models.get(self.dataset) != self.model:
             wanted = next(d for d, m in text_models.items() if m == self.model)
@@ -485,6 +511,7 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {_kebab(f.name): f for f in dataclasses.fields(AppConfig)}
+FIELD_DEFAULTS: dict[str, Any] = {key: f.default for key, f in FIELDS.items()}
 
 
 def parse_run_config(run_config: Mapping[str, Scalar]) -> AppConfig:
