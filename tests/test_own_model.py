@@ -68,8 +68,8 @@ def on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # Each case: the factory module's source, the attribute, the data's ModelInfo, and what the message must say.
 BAD_FACTORIES = {
-    "module-missing": (None, "build", DIGITS, r"module 'no_such_package_xq\.nets' is not importable here "
-                       r"\(ModuleNotFoundError: No module named 'no_such_package_xq'\).*fab-include"),
+    "module-missing": (None, "build", DIGITS, (r"module 'no_such_package_xq\.nets' is not importable here "
+                       r"\(ModuleNotFoundError: No module named 'no_such_package_xq'\).*fab-include")),
     "own-import-error": ("import no_such_dependency_xq\ndef build(info): pass\n", "build", DIGITS,
                          r"importing module '.*' failed: ModuleNotFoundError: No module named 'no_such_dependency_xq'"),
     "raises-on-import": ("raise RuntimeError('config file missing')\n", "build", DIGITS,
@@ -78,30 +78,30 @@ BAD_FACTORIES = {
     "nested-attribute-missing": (GOOD, "Net.create", DIGITS, r"'.*:Net' has no attribute 'create'"),
     "not-callable": ("WIDTH = 3\n", "WIDTH", DIGITS, r"'WIDTH' is a int, not callable"),
     "factory-raises": ("def build(info):\n    raise ValueError('needs RGB images')\n", "build", DIGITS,
-                       r"raised ValueError when called with classification, input shape \(1, 8, 8\) \(dense\), "
-                       r"10 outputs: needs RGB images"),
+                       (r"raised ValueError when called with classification, input shape \(1, 8, 8\) \(dense\), "
+                       r"10 outputs: needs RGB images")),
     "not-a-module": ("def build(info):\n    return [1, 2]\n", "build", DIGITS, r"returned a list, not a torch\.nn\.Module"),
     "no-parameters": ("from torch import nn\ndef build(info):\n    return nn.Flatten()\n", "build", DIGITS,
                       r"has no trainable parameters \(it has no parameters\)"),
-    "frozen": ("from torch import nn\ndef build(info):\n    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
-               "    m.requires_grad_(False)\n    return m\n", "build", DIGITS,
+    "frozen": (("from torch import nn\ndef build(info):\n    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n"
+               "    m.requires_grad_(False)\n    return m\n"), "build", DIGITS,
                r"has no trainable parameters \(all 2 of its parameters have requires_grad=False\)"),
     "forward-raises": ("from torch import nn\ndef build(info):\n    return nn.Linear(64, 10)\n", "build", DIGITS,
-                       r"a forward pass on a dummy batch of shape \(2, 1, 8, 8\) \(torch\.float32, the data's input "
-                       r"shape \(1, 8, 8\) with a batch of 2\) raised RuntimeError"),
+                       (r"a forward pass on a dummy batch of shape \(2, 1, 8, 8\) \(torch\.float32, the data's input "
+                       r"shape \(1, 8, 8\) with a batch of 2\) raised RuntimeError")),
     "wrong-outputs": ("from torch import nn\ndef build(info):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))\n",
                       "build", DIGITS, r"the output has shape \(2, 5\), expected \(2, 10\); the task is classification"),
     "batch-squeezed": ("from torch import nn\ndef build(info):\n    return nn.Sequential(nn.Linear(5, 1), nn.Flatten(0))\n",
                        "build", REGRESSION, r"the output has shape \(2,\), expected \(2, 1\); the task is regression"),
-    "not-a-tensor": ("from torch import nn\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+    "not-a-tensor": (("from torch import nn\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
                      "        self.l = nn.Linear(64, 10)\n    def forward(self, x):\n        return (self.l(x.flatten(1)),)\n"
-                     "def build(info):\n    return M()\n", "build", DIGITS, r"it returned a tuple, not a tensor"),
-    "integer-output": ("import torch\nfrom torch import nn\nclass M(nn.Module):\n    def __init__(self):\n"
+                     "def build(info):\n    return M()\n"), "build", DIGITS, r"it returned a tuple, not a tensor"),
+    "integer-output": (("import torch\nfrom torch import nn\nclass M(nn.Module):\n    def __init__(self):\n"
                        "        super().__init__()\n        self.l = nn.Linear(64, 10)\n    def forward(self, x):\n"
                        "        return self.l(x.flatten(1)).argmax(1, keepdim=True).expand(-1, 10)\n"
-                       "def build(info):\n    return M()\n", "build", DIGITS, r"returned a torch\.int64 tensor"),
-    "lm-not-per-token": ("from torch import nn\ndef build(info):\n    return nn.Sequential(nn.Embedding(50, 8), "
-                         "nn.Flatten(), nn.Linear(128, 50))\n", "build", TOKENS,
+                       "def build(info):\n    return M()\n"), "build", DIGITS, r"returned a torch\.int64 tensor"),
+    "lm-not-per-token": (("from torch import nn\ndef build(info):\n    return nn.Sequential(nn.Embedding(50, 8), "
+                         "nn.Flatten(), nn.Linear(128, 50))\n"), "build", TOKENS,
                          r"the output has shape \(2, 50\), expected \(2, sequence length <= 16, vocabulary size\)"),
 }
 
