@@ -480,8 +480,8 @@ class AppConfig:
         own = ":" in self.model  # the user's own factory gets input_kind 'tokens' (flower_app.task.ModelInfo)
         if self.dataset in text_models and self.model not in ("auto", text_models[self.dataset]) and not own:
             raise ConfigError(
-                f"dataset '{self.dataset}' holds token ids: model must be 'auto', '{text_models[self.dataset]}' or "
-                f"your own factory 'package.module:factory', got '{self.model}'"
+                f"dataset '{self.dataset}' holds token ids: model must be 'auto' or '{text_models[self.dataset]}' "
+                f"(or your own factory 'package.module:factory'), got '{self.model}'"
             )
         if self.model in hf_models and text_models.get(self.dataset) != self.model:
             wanted = next(d for d, m in text_models.items() if m == self.model)

@@ -323,7 +323,8 @@ class RunRecorder:
         best = getattr(strategy, "best", None)
         if best is None:
             metric = getattr(strategy, "selection_metric", "an evaluation loss")
-            log.warning("no round had a finite %s: no best model is written (model.pt is the last round's)", metric)
+            log.warning("no best round is known (no round had a finite %s, or the run resumed from a checkpoint "
+                        "written before best-model selection): no best_model.pt (model.pt is the last round's)", metric)
             return None
         # Only the state_dict: a transformer's adapter/ or hf_model/ beside it would be the last round's.
         self.save_model(best.weights, staging / BEST_MODEL_NAME, library_format=False)

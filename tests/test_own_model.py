@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.common import RecordDict
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flower_app.client_app import FlowerClient
 from flower_app.config import ConfigError, parse_run_config
 from flower_app.data import client_data
 from flower_app.inprocess import run_rounds
-from flower_app.model_factory import ModelFactoryError, build_from_factory, import_path_problem
+from flower_app.model_factory import IMPORT_PATH, ModelFactoryError, build_from_factory, import_path_problem
 from flower_app.server_app import build_strategy
 from flower_app.task import ModelInfo, build_model, weight_spec
 
@@ -199,3 +201,25 @@ def test_a_factory_outside_the_app_trains_through_the_in_process_driver(on_path:
     assert list(saved) == ["body.1.weight", "body.1.bias", "own_head.weight", "own_head.bias"]
     for array, tensor in zip(strategy.weights, saved.values()):
         np.testing.assert_array_equal(array, tensor.numpy())
+
+
+IDENTIFIER = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
+DOTTED = st.lists(IDENTIFIER, min_size=1, max_size=4).map(".".join)
+
+
+@given(DOTTED, DOTTED)
+def test_every_dotted_module_and_attribute_pair_is_an_import_path(module: str, attribute: str) -> None:
+    assert import_path_problem(f"{module}:{attribute}") is None
+    assert parse_run_config({"model": f"{module}:{attribute}"}).model == f"{module}:{attribute}"
+
+
+@given(st.text(max_size=30))
+def test_any_other_text_is_a_registered_name_or_refused_with_a_config_error(text: str) -> None:
+    well_formed = IMPORT_PATH.fullmatch(text) is not None
+    assert (import_path_problem(text) is None) == well_formed
+    try:
+        cfg = parse_run_config({"model": text})
+    except ConfigError as err:
+        assert "run-config key 'model'" in str(err)
+    else:
+        assert well_formed or ":" not in cfg.model

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from flwr.common import Context, RecordDict
+from hypothesis import given
+from hypothesis import strategies as st
 
 import datasets
 import datasets.cache
@@ -20,8 +22,8 @@ from datasets import SOURCES, SourceOptions
 from flower_app import data as app_data
 from flower_app import server_app
 from flower_app.client_app import NodeDataError, build_client
-from flower_app.config import ConfigError, parse_run_config
-from flower_app.data import DATASET_KINDS, configured_model_info, model_info
+from flower_app.config import ConfigError, parse_input_shape, parse_run_config
+from flower_app.data import DATASET_KINDS, agreement_config, check_agreement, configured_model_info, model_info
 from flower_app.inprocess import run_rounds
 from flower_app.outputs import BEST_INFO_NAME, BEST_MODEL_NAME
 from flower_app.server_app import build_strategy
@@ -143,3 +145,33 @@ def test_the_described_data_is_what_the_nodes_hold() -> None:
     cfg = parse_run_config({"dataset": "digits", "server-data": "none", "input-shape": "1,8,8", "num-outputs": 10})
     assert configured_model_info(cfg) == model_info(datasets.load_source("digits", options)) == ModelInfo(
         "classification", (1, 8, 8), 10, "dense")
+
+
+@given(st.lists(st.integers(min_value=1, max_value=10**6), min_size=1, max_size=5))
+def test_an_input_shape_round_trips_through_its_text(shape: list[int]) -> None:
+    assert parse_input_shape(",".join(map(str, shape))) == tuple(shape)
+    assert parse_input_shape(" , ".join(map(str, shape))) == tuple(shape)
+
+
+@given(st.text(max_size=20))
+def test_any_text_is_a_shape_of_positive_integers_or_a_config_error(text: str) -> None:
+    try:
+        shape = parse_input_shape(text)
+    except ConfigError as err:
+        assert "run-config key 'input-shape'" in str(err)
+    else:
+        assert shape and all(isinstance(d, int) and d >= 1 for d in shape)
+
+
+@given(st.sampled_from(["classification", "regression", "causal-lm"]),
+       st.lists(st.integers(min_value=1, max_value=512), min_size=1, max_size=4),
+       st.integers(min_value=1, max_value=1000), st.sampled_from(["dense", "tokens"]))
+def test_the_description_the_server_sends_is_the_one_a_node_compares(
+    task: str, shape: list[int], outputs: int, kind: str
+) -> None:
+    info = ModelInfo(task, tuple(shape), outputs, kind)
+    node = app_data.ClientData(None, None, info, 0, None)  # type: ignore[arg-type]
+    check_agreement(node, agreement_config(info, None))
+    other = ModelInfo(task, tuple(shape), outputs + 1, kind)
+    with pytest.raises(ValueError, match="but the server's model was built for"):
+        check_agreement(node, agreement_config(other, None))
