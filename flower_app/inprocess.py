@@ -72,9 +72,9 @@ def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: i
         instructions = strategy.configure_evaluate(rnd, parameters, manager)
         if instructions:
             replies, eval_failures = [], []
-            for proxy, ins in instructions:
+            for evaluator, eval_ins in instructions:
                 try:
-                    replies.append((proxy, proxy.evaluate(ins, None, rnd)))
+                    replies.append((evaluator, evaluator.evaluate(eval_ins, None, rnd)))
                 except Exception as err:  # noqa: BLE001 - as in fit: a failing client is a failure
                     eval_failures.append(err)
             strategy.aggregate_evaluate(rnd, replies, eval_failures)  # type: ignore[arg-type]
