@@ -48,7 +48,7 @@ from .preprocessing import (
     transform_from_stats,
     transform_source,
 )
-from .registry import SOURCES, load_source
+from .registry import SOURCE_KINDS, SOURCES, SourceKind, load_source
 from .sources import linear_true_parameters
 
 __all__ = [
@@ -57,12 +57,14 @@ __all__ = [
     "PARTITIONERS",
     "PARTITIONER_NAMES",
     "SOURCES",
+    "SOURCE_KINDS",
     "DataFileError",
     "FeatureStats",
     "FeatureTransform",
     "LabelMismatch",
     "PartitionOptions",
     "Source",
+    "SourceKind",
     "SourceOptions",
     "SumStats",
     "TensorData",

@@ -76,14 +76,33 @@ MISSING_MARKERS = frozenset(
 
 
 def parse_class_names(text: str) -> tuple[str, ...]:
-    """The agreed class names of the comma-separated ``text`` (the ``class-names`` run-config key).
+    """The agreed class names of ``text`` (the ``class-names`` run-config key).
+
+    Two forms: comma-separated (``cat,dog``), or, for names that contain a comma, a JSON list of
+    strings (``["benign, small", "malignant"]``; recognised by its leading ``[``). Surrounding spaces of
+    each name are dropped in both forms, as they are from the labels of a file (:func:`label_name`).
 
     Raises:
-        ValueError: If a name is empty or repeated, or there are fewer than two names.
+        ValueError: If a JSON list is malformed or holds something other than strings, a name is empty
+            or repeated, or there are fewer than two names.
     """
-    names = tuple(n.strip() for n in text.split(","))
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"class_names starts with '[' but is not a JSON list of strings ({err.msg} at character {err.pos}): "
+                f"'{text}'; write e.g. [\"benign, small\", \"malignant\"]"
+            ) from None
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise ValueError(f"class_names as JSON must be a list of strings, got '{text}'")
+        names = tuple(n.strip() for n in value)
+    else:
+        names = tuple(n.strip() for n in text.split(","))
     if "" in names or len(set(names)) != len(names):
-        raise ValueError(f"class_names must be distinct, non-empty comma-separated names, got '{text}'")
+        raise ValueError(
+            f"class_names must be distinct, non-empty names (comma-separated, or a JSON list of strings), got '{text}'"
+        )
     if len(names) < 2:
         raise ValueError(f"class_names lists a single class ('{text}'); a classifier needs two or more")
     return names

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import instructions, sources, text
 from .core import Source, SourceOptions
 
-__all__ = ["SOURCES", "load_source"]
+__all__ = ["SOURCES", "SOURCE_KINDS", "SourceKind", "load_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,40 @@ SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "instructions": instructions.load_instructions_source,
 }
 """Registry of sources by name; :func:`load_source` is the entry point."""
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """What a source holds, known without loading it.
+
+    Attributes:
+        task: ``"classification"``, ``"regression"`` or ``"causal-lm"``.
+        input_kind: ``"dense"`` (float32 features) or ``"tokens"`` (int64 token ids).
+        labels_from_files: classification labels come from each data owner's own files, so owners agree
+            on what an index means only through ``class_names`` (or a held-out file everyone shares).
+    """
+
+    task: str
+    input_kind: str = "dense"
+    labels_from_files: bool = False
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "breast-cancer": SourceKind("classification"),
+    "cifar10": SourceKind("classification"),
+    "csv": SourceKind("classification", labels_from_files=True),
+    "diabetes": SourceKind("regression"),
+    "digits": SourceKind("classification"),
+    "fashion-mnist": SourceKind("classification"),
+    "image-folder": SourceKind("classification", labels_from_files=True),
+    "linear": SourceKind("regression"),
+    "mnist": SourceKind("classification"),
+    "synthetic": SourceKind("classification"),
+    "text": SourceKind("classification", "tokens", labels_from_files=True),
+    "text-lm": SourceKind("causal-lm", "tokens"),
+    "instructions": SourceKind("causal-lm", "tokens"),
+}
+"""Per source in :data:`SOURCES`: its task and input kind (a test loads the sources and compares)."""
 
 
 def load_source(name: str, options: SourceOptions) -> Source:

@@ -9,6 +9,7 @@ A checkpoint (``checkpoint.pt``, `torch.save` of plain containers and tensors, l
     keys      the model's parameter names, shapes: their shapes (must match this run's model)
     strategy  the strategy's state_dict: round, weights (finite float32 arrays, the model's shapes),
               optimizer {step, m, v} (moments finite, v >= 0), scaffold (None or {control}),
+              best (None or {round <= round, metric, value >= 0 finite, weights: None for this round's}),
               privacy (DP runs: dp_mode, clipping_norm, accountant) and any further entries,
               in which every number must be finite
     checksum  CRC-32 over all of the above, so a flipped bit is caught (torch.load does not notice one)
@@ -34,7 +35,8 @@ import torch
 from flower_app.config import FIELDS, AppConfig
 from flower_app.rundir import CheckpointError, atomic_write
 from flower_app.task import WeightSpec
-from strategies.base import CONTROL_STATE_KEY, STATE_KEYS
+from strategies.base import BEST_STATE_KEY, CONTROL_STATE_KEY, STATE_KEYS
+from strategies.selection import SELECTION_METRICS
 
 # A child of Flower's logger: these lines show in `flwr run --stream` and `flwr log` with the run's own.
 log = logging.getLogger(f"flwr.{__name__}")
@@ -59,10 +61,11 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         "synthetic-alpha", "synthetic-beta", "partitioner", "num-partitions", "dirichlet-alpha",
         "classes-per-partition", "quantity-alpha", "min-partition-size", "seed", "text-column", "max-length",
         "prompt-column", "response-column",
+        "server-data",
     ),
     "what the checkpoint's weights and server state are": (
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
-        "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save",
+        "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save", "input-shape", "num-outputs",
     ),
 }
 # Training and operational settings: a resume may change them (e.g. more rounds, a lower learning
@@ -324,6 +327,9 @@ def validate_checkpoint(payload: Any, cfg: AppConfig, spec: WeightSpec, source: 
         where = f"strategy.{CONTROL_STATE_KEY}"
         control = c.as_dict(control, where)
         c.arrays(c.get(control, "control", f"{where}."), f"{where}.control", trainable_shapes)
+    best = state.get(BEST_STATE_KEY)  # absent from checkpoints written before best-model selection
+    if best is not None:
+        _check_best(c, best, rnd, spec)
     dp = _saved_value(config, "dp-mode") != "none"
     if dp or _saved_value(config, "secure-aggregation") or "privacy" in state:
         _check_privacy(c, c.get(state, "privacy", "strategy."), dp)
@@ -338,6 +344,21 @@ def _shape(value: Any) -> tuple[Any, ...] | None:
     if not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) for d in value):
         return None
     return tuple(int(d) for d in value)
+
+
+def _check_best(c: _Checker, value: Any, rnd: int, spec: WeightSpec) -> None:
+    where = f"strategy.{BEST_STATE_KEY}"
+    best = c.as_dict(value, where)
+    best_round = c.as_int(c.get(best, "round", f"{where}."), f"{where}.round", hi=rnd)
+    metric = c.as_str(c.get(best, "metric", f"{where}."), f"{where}.metric")
+    if metric not in SELECTION_METRICS:
+        raise c.fail(f"{where}.metric", f"must be one of {', '.join(SELECTION_METRICS)}, got {metric!r}")
+    c.as_float(c.get(best, "value", f"{where}."), f"{where}.value")
+    weights = c.get(best, "weights", f"{where}.")
+    if weights is None and best_round != rnd:
+        raise c.fail(f"{where}.weights", f"is empty, but the best round ({best_round}) is not the checkpoint's ({rnd})")
+    if weights is not None:
+        c.arrays(weights, f"{where}.weights", spec.shapes)
 
 
 def _check_privacy(c: _Checker, value: Any, dp: bool) -> None:

@@ -17,7 +17,7 @@ from flwr.common import ArrayRecord, Context, RecordDict, Scalar
 
 from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
 from flower_app.config import AppConfig, parse_run_config
-from flower_app.data import ClientData, client_data, label_counts
+from flower_app.data import ClientData, check_agreement, client_data, label_counts
 from flower_app.options import compression_config, finetune_options, payload_kind, privacy_options, train_options
 from flower_app.task import (
     NDArrays,
@@ -55,9 +55,10 @@ def _store(state: RecordDict, key: str, arrays: NDArrays | None) -> None:
 class FlowerClient(NumPyClient):
     """Trains the shared model on this node's data; sends weights, an update or a gradient."""
 
-    def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict) -> None:
+    def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict, node: str = "this node") -> None:
         self.cfg = cfg
         self.data = data
+        self.node = node  # for messages: "node 123 (partition 2)"
         self.state = state  # this node's state across rounds: SCAFFOLD's c_i, compression residual
         self.rule = get_rule(cfg.strategy)
         self.kind = payload_kind(cfg)  # "weights", "delta" or "gradient"
@@ -72,6 +73,7 @@ class FlowerClient(NumPyClient):
         return get_weights(self.model, self.spec)
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        self._check_agreement(config)
         n = len(self.spec)
         global_weights, control = parameters[:n], parameters[n:]  # SCAFFOLD: c follows the weights
         set_weights(self.model, self.spec, global_weights)
@@ -96,10 +98,21 @@ class FlowerClient(NumPyClient):
         return wire, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        self._check_agreement(config)
         set_weights(self.model, self.spec, parameters[: len(self.spec)])
         loader = make_loader(self.data.val.x, self.data.val.y, self.cfg.batch_size, shuffle=False)
         loss, accuracy, n = evaluate(self.model, loader, self.data.info.task, self.device)
         return loss, n, ({"accuracy": accuracy} if accuracy is not None else {})
+
+    def _check_agreement(self, config: dict[str, Scalar]) -> None:
+        """Refuse to train or evaluate when this node's data disagrees with the server's (labels, shape, outputs)."""
+        hint = ""
+        if self.cfg.server_data == "none":
+            hint = "; set the run config's input-shape and num-outputs (or class-names) to what the nodes hold"
+        try:
+            check_agreement(self.data, config, hint)
+        except ValueError as err:
+            raise NodeDataError(f"{self.node} refuses to take part: {err}") from err
 
     def _local_work(
         self, global_weights: NDArrays, control: NDArrays, loader: torch.utils.data.DataLoader
@@ -164,7 +177,8 @@ def build_client(context: Context) -> FlowerClient:
             f"node {context.node_id} cannot load its data (node-config {dict(context.node_config)}): "
             f"{type(err).__name__}: {err}"
         ) from err
-    return FlowerClient(cfg, data, context.state)
+    source = f"partition {data.partition_id}" if data.partition_id >= 0 else f"data-path {context.node_config['data-path']}"
+    return FlowerClient(cfg, data, context.state, node=f"node {context.node_id} ({source})")
 
 
 def client_fn(context: Context) -> Client:

@@ -73,7 +73,7 @@ class DetachedProxy(ClientProxy):
 
 
 def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: int) -> None:
-    """Run `num_rounds` rounds of `strategy` over `clients`; client exceptions become failures."""
+    """Run `num_rounds` rounds of `strategy` over `clients`; client exceptions (fit or evaluate) become failures."""
     manager = SimpleClientManager()
     for i, client in enumerate(clients):
         manager.register(LocalProxy(str(i), client))
@@ -93,8 +93,13 @@ def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: i
         strategy.evaluate(rnd, parameters)
         instructions = strategy.configure_evaluate(rnd, parameters, manager)
         if instructions:
-            replies = [(proxy, proxy.evaluate(ins, None, rnd)) for proxy, ins in instructions]
-            strategy.aggregate_evaluate(rnd, replies, [])
+            replies, eval_failures = [], []
+            for evaluator, eval_ins in instructions:
+                try:
+                    replies.append((evaluator, evaluator.evaluate(eval_ins, None, rnd)))
+                except Exception as err:  # noqa: BLE001 - as in fit: a failing client is a failure
+                    eval_failures.append(err)
+            strategy.aggregate_evaluate(rnd, replies, eval_failures)  # type: ignore[arg-type]
 
 
 class InProcessGrid(Grid):

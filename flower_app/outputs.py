@@ -1,4 +1,4 @@
-"""What a run leaves behind in ``output-dir/<run-name>/``: metrics, plot, checkpoints, final model.
+"""What a run leaves behind in ``output-dir/<run-name>/``: metrics, plot, checkpoints, final and best model.
 
 `RunRecorder` is the observer of finished rounds and the owner of the run's folder
 (`flower_app.rundir`): it picks and locks the folder, restores a checkpoint on resume (checked by
@@ -19,9 +19,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -63,6 +62,14 @@ log = logging.getLogger(f"flwr.{__name__}")
 METRICS_NAME = "metrics.csv"
 HISTORY_NAME = "resume_history.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+BEST_MODEL_NAME = "best_model.pt"  # the round with the lowest evaluation loss (strategies.selection)
+BEST_INFO_NAME = "best_model.json"  # {round, metric, value, last_round}
+
+
+class SaveModel(Protocol):
+    """Writes weights as a model file at ``path``; ``library_format`` also writes transformers' adapter/ beside it."""
+
+    def __call__(self, weights: list[np.ndarray], path: Path, library_format: bool = True) -> None: ...
 PLOT_INTERVAL_S = 30.0  # learning_curves.png is redrawn at most this often, and after the last round
 
 
@@ -108,7 +115,7 @@ class RunRecorder:
         self,
         cfg: AppConfig,
         spec: WeightSpec,
-        save_model: Callable[[list[np.ndarray], Path], None],
+        save_model: SaveModel,
         flower_run_id: int | None = None,
     ) -> None:
         if cfg.tensorboard and not tensorboard_available():
@@ -292,12 +299,16 @@ class RunRecorder:
         try:
             staging.mkdir()
             try:
+                best = self._stage_best(strategy, staging)
                 self.save_model(strategy.weights, staging / "model.pt")
             except (OSError, RuntimeError) as err:  # safetensors and torch's writers may hide the OSError
                 cause = os_error_in(err) or err
                 raise WriteError(f"could not write the final model {self.dir / 'model.pt'}: {describe_os_error(cause)}",
                                  self.dir / "model.pt", getattr(cause, "errno", None)) from err
             publish_dir(staging, self.dir)
+            if best is not None:
+                log.info("best model: round %d (%s %.6g): %s", best.round, best.metric, best.value,
+                         self.dir / BEST_MODEL_NAME)
         except OSError as err:
             raise WriteError(f"could not write the final model in {self.dir}: {describe_os_error(err)}",
                              self.dir, err.errno) from err
@@ -306,6 +317,20 @@ class RunRecorder:
                 shutil.rmtree(staging, ignore_errors=True)
         self._close()
         log.info("run '%s' finished: metrics, plot, checkpoint and final model in %s", self.dir.name, self.dir)
+
+    def _stage_best(self, strategy: Any, staging: Path) -> Any:
+        """best_model.pt, the round with the lowest evaluation loss (`strategies.selection`), and best_model.json."""
+        best = getattr(strategy, "best", None)
+        if best is None:
+            metric = getattr(strategy, "selection_metric", "an evaluation loss")
+            log.warning("no best round is known (no round had a finite %s, or the run resumed from a checkpoint "
+                        "written before best-model selection): no best_model.pt (model.pt is the last round's)", metric)
+            return None
+        # Only the state_dict: a transformer's adapter/ or hf_model/ beside it would be the last round's.
+        self.save_model(best.weights, staging / BEST_MODEL_NAME, library_format=False)
+        info = {"round": best.round, "metric": best.metric, "value": best.value, "last_round": strategy.current_round}
+        (staging / BEST_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+        return best
 
     def _close(self) -> None:
         self._closed = True

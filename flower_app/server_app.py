@@ -3,7 +3,7 @@ the legacy server loop, or Flower's SecAgg+ workflow when the run asks for secur
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO
 from pathlib import Path
 
@@ -15,16 +15,20 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.compat import LegacyContext, start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
+from torch import nn
 
+from datasets import Source, parse_class_names
 from flower_app.config import AppConfig, check_privacy_model, parse_run_config
-from flower_app.data import model_info, server_source
-from flower_app.hf_models import save_pretrained
+from flower_app.data import agreement_config, configured_model_info, model_info, server_source
+from flower_app.hf_models import is_finetune_model, save_pretrained
 from flower_app.instruct import instruction_evaluator
 from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
 from flower_app.outputs import RunRecorder
 from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
+    ModelInfo,
+    WeightSpec,
     build_model,
     evaluate,
     get_weights,
@@ -44,6 +48,7 @@ def make_strategy(
     evaluate_fn: EvaluateFn | None = None,
     observers: Sequence[RoundObserver] = (),
     start_round: int = 0,
+    round_config: Mapping[str, Scalar] | None = None,
 ) -> FederatedStrategy:
     """The strategy shell for this run config, with its hooks (privacy), around the given initial weights."""
     options, privacy = strategy_options(cfg), privacy_options(cfg)
@@ -51,15 +56,52 @@ def make_strategy(
         options, weights, trainable, evaluate_fn, observers, start_round,
         hooks=privacy_hooks(privacy, options, cfg.num_server_rounds),
         preaggregated=privacy.secure_aggregation,  # SecAgg+ hands the strategy one aggregate
+        round_config=round_config,
     )
 
 
 def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[FederatedStrategy, int]:
-    """The strategy for this run (restored from the checkpoint when resuming) and rounds left."""
-    source = server_source(cfg)
-    info = model_info(source)
+    """The strategy for this run (restored from the checkpoint when resuming) and rounds left.
+
+    With server-data='held-out' the server loads the source: its test split is the central
+    evaluation set, its description builds the model and its class names are the agreed ones
+    (unless class-names fixes them). With server-data='none' it loads no data at all: the model is
+    built from the run config (`configured_model_info`), and there is no central evaluation.
+    """
+    source = server_source(cfg) if cfg.server_data == "held-out" else None
+    if source is None:
+        info = configured_model_info(cfg)
+        agreed = parse_class_names(cfg.class_names) if cfg.class_names else None
+        log(INFO, "server-data 'none': the server loads no data; model for %s (from the run config); metrics and "
+            "the best model come from federated evaluation", info.describe())
+    else:
+        info, agreed = model_info(source), source.class_names
     model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=False))
     spec = weight_spec(model)
+    evaluate_fn = central_evaluation(cfg, source, model, spec, info) if source is not None else None
+
+    def save_model(weights: list[np.ndarray], path: Path, library_format: bool = True) -> None:
+        set_weights(model, spec, weights)
+        state = model.state_dict()
+        pretrained = save_pretrained(model, path.parent) if library_format else None
+        if pretrained is not None or (not library_format and is_finetune_model(model)):
+            # Transformers: adapter/ (or hf_model/) loads with peft / transformers; the .pt keeps what trained.
+            state = {k: state[k].detach() for k in spec.keys}
+        with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
+            torch.save({k: v.cpu() for k, v in state.items()}, f)
+
+    check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
+    recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
+    strategy = make_strategy(
+        cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round,
+        round_config=agreement_config(info, agreed),  # every node checks its data against these
+    )
+    recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
+    return strategy, recorder.rounds_left
+
+
+def central_evaluation(cfg: AppConfig, source: Source, model: nn.Module, spec: WeightSpec, info: ModelInfo) -> EvaluateFn:
+    """Evaluation of a set of weights on the source's test split (the server's held-out data)."""
     device = resolve_device(cfg.device)
     # Transformers evaluate at the training batch size: 256 sequences of vocabulary-sized logits may not fit.
     eval_batch = cfg.batch_size if resolve_model_name(cfg.model, info) in FINETUNE_MODELS else max(cfg.batch_size, 256)
@@ -73,20 +115,7 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
         loss, accuracy, _ = evaluate(model, test_loader, info.task, device)
         return loss, ({"accuracy": accuracy} if accuracy is not None else {})
 
-    def save_model(weights: list[np.ndarray], path: Path) -> None:
-        set_weights(model, spec, weights)
-        state = model.state_dict()
-        if save_pretrained(model, path.parent) is not None:
-            # Transformers: adapter/ (or hf_model/) loads with peft / transformers; model.pt keeps what trained.
-            state = {k: state[k].detach() for k in spec.keys}
-        with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
-            torch.save({k: v.cpu() for k, v in state.items()}, f)
-
-    check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
-    recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
-    strategy = make_strategy(cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round)
-    recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
-    return strategy, recorder.rounds_left
+    return evaluate_fn
 
 
 def server_fn(context: Context) -> ServerAppComponents:

@@ -80,12 +80,29 @@ class LinearRegression(nn.Module):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a model needs to know about its data."""
+    """What a model needs to know about its data: the argument of every model factory (public API).
 
-    task: str  # "classification" | "regression" | "causal-lm"
+    A factory named in the run config (``model = "my_package.models:build"``, `flower_app.model_factory`)
+    is called as ``build(info)`` and returns a ``torch.nn.Module`` whose output fits the task:
+
+    Attributes:
+        task: ``"classification"`` (output: logits ``(batch, num_outputs)``, cross-entropy loss),
+            ``"regression"`` (output ``(batch, num_outputs)``, mean squared error) or ``"causal-lm"``
+            (output: next-token logits ``(batch, length, vocabulary)``).
+        input_shape: the shape of one example, without the batch dimension: ``(C, H, W)`` for images,
+            ``(features,)`` for tables, ``(max_length,)`` for token ids.
+        num_outputs: the number of classes, or of regression targets (1 for causal-lm).
+        input_kind: ``"dense"`` (float32 features or images) or ``"tokens"`` (int64 token ids).
+    """
+
+    task: str
     input_shape: tuple[int, ...]
-    num_outputs: int  # classes, or regression targets
-    input_kind: str = "dense"  # "dense" (float features, images) | "tokens" (int64 token ids, datasets.text)
+    num_outputs: int
+    input_kind: str = "dense"
+
+    def describe(self) -> str:
+        """One line for messages: ``classification, input shape (1, 8, 8) (dense), 10 outputs``."""
+        return f"{self.task}, input shape {self.input_shape} ({self.input_kind}), {self.num_outputs} outputs"
 
 
 def _build_cnn(info: ModelInfo, hidden: int) -> nn.Module:
@@ -130,11 +147,18 @@ def resolve_model_name(name: str, info: ModelInfo) -> str:
 def build_model(
     name: str, info: ModelInfo, hidden: int = 128, seed: int = 0, finetune: FineTuneOptions | None = None
 ) -> nn.Module:
-    """Build a registered model with a seeded initialisation (same seed -> same weights).
+    """Build a registered model, or the user's own from ``package.module:factory``, with a seeded
+    initialisation (same seed -> same weights).
 
     The FINETUNE_MODELS need ``finetune`` (`flower_app.hf_models.FineTuneOptions`); other models ignore it.
     """
     name = resolve_model_name(name, info)
+    if ":" in name:  # "package.module:factory": the user's own model (flower_app.model_factory checks it)
+        from flower_app.model_factory import build_from_factory
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_from_factory(name, info)
     if name in FINETUNE_MODELS:
         from flower_app.hf_models import FineTuneOptions, build_finetune_model
 
@@ -142,7 +166,10 @@ def build_model(
             torch.manual_seed(seed)
             return build_finetune_model(name, info, finetune or FineTuneOptions())
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}'; choose one of: auto, {', '.join(sorted([*MODELS, *FINETUNE_MODELS]))}")
+        raise ValueError(
+            f"unknown model '{name}'; choose one of: auto, {', '.join(sorted([*MODELS, *FINETUNE_MODELS]))}, "
+            "or your own factory as 'package.module:factory'"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[name](info, hidden)

@@ -53,13 +53,15 @@ from strategies.compression import CompressionConfig, decompress
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
+from strategies.selection import BestRound, best_state_dict, load_best_state, selection_metric, update_best
 from strategies.serde import views
 from strategies.streaming import StreamingMean, blocked_weighted_mean
 from strategies.validation import check_update
 
 NDArrays = list[np.ndarray]
 CONTROL_STATE_KEY = "scaffold"  # the server control variate (rules with RuleSpec.scaffold)
-STATE_KEYS = ("round", "weights", "optimizer", CONTROL_STATE_KEY)  # the shell's own entries of state_dict
+BEST_STATE_KEY = "best"  # the round with the lowest evaluation loss (strategies.selection)
+STATE_KEYS = ("round", "weights", "optimizer", CONTROL_STATE_KEY, BEST_STATE_KEY)  # the shell's own state_dict entries
 EvaluateFn = Callable[[NDArrays], tuple[float, dict[str, Scalar]]]
 
 
@@ -134,6 +136,11 @@ class FederatedStrategy(Strategy):
         preaggregated: secure aggregation (SecAgg+): every result holds the same payload, the
             protocol's example-weighted mean of all clients' payloads, which is used once as the
             aggregate.
+        round_config: entries sent to every sampled client in each fit and evaluate config (the
+            data description and agreed class names each node checks its data against).
+
+    The best round (lowest central loss with ``evaluate_fn``, else lowest federated loss;
+    `strategies.selection`) is kept in ``best`` and in the checkpoint.
     """
 
     def __init__(
@@ -146,6 +153,7 @@ class FederatedStrategy(Strategy):
         start_round: int = 0,
         hooks: Sequence[StrategyHook] = (),
         preaggregated: bool = False,
+        round_config: Mapping[str, Scalar] | None = None,
     ) -> None:
         super().__init__()
         if len(trainable) != len(initial_weights):
@@ -176,6 +184,9 @@ class FederatedStrategy(Strategy):
         self._skipped_round = -1  # a round a hook called off in configure_fit
         # Per client: what it reported of its data (data_* metrics), for partitions.csv.
         self.data_summary: dict[str, dict[str, Scalar]] = {}
+        self.round_config: dict[str, Scalar] = dict(round_config or {})
+        self.selection_metric = selection_metric(evaluate_fn is not None)
+        self.best: BestRound | None = None
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -185,6 +196,7 @@ class FederatedStrategy(Strategy):
             "weights": [w.copy() for w in self.weights],
             "optimizer": self.opt_state.state_dict(),
             CONTROL_STATE_KEY: self.scaffold_state.state_dict() if self.scaffold_state is not None else None,
+            BEST_STATE_KEY: best_state_dict(self.best, self.current_round),
         }
         for hook in self.hooks:
             state[hook.name] = hook.state_dict()
@@ -204,6 +216,12 @@ class FederatedStrategy(Strategy):
             self.scaffold_state = ScaffoldState.load_state_dict(state[CONTROL_STATE_KEY], template=self.scaffold_state)
         for hook in self.hooks:
             hook.load_state_dict(state.get(hook.name))
+        best = load_best_state(state.get(BEST_STATE_KEY), self.weights)  # None in checkpoints older than it
+        if best is not None and best.metric != self.selection_metric:
+            log(WARNING, "the checkpoint's best round (%d) was chosen by %s; this run chooses by %s: starting afresh",
+                best.round, best.metric, self.selection_metric)
+            best = None
+        self.best = best
 
     @property
     def current_round(self) -> int:
@@ -220,7 +238,7 @@ class FederatedStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=rnd)
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
-        config: dict[str, Scalar] = {"server-round": rnd}
+        config: dict[str, Scalar] = {"server-round": rnd, **self.round_config}
         for hook in self.hooks:
             extra = hook.fit_config(rnd, self._num_available, len(clients))
             if extra is None:
@@ -282,7 +300,7 @@ class FederatedStrategy(Strategy):
             return []
         params = ndarrays_to_parameters(self.weights)
         record.bytes_sent += _nbytes(params) * len(clients)
-        config: dict[str, Scalar] = {"server-round": record.round}
+        config: dict[str, Scalar] = {"server-round": record.round, **self.round_config}
         return [(c, EvaluateIns(params, dict(config))) for c in clients]
 
     def aggregate_evaluate(
@@ -371,6 +389,9 @@ class FederatedStrategy(Strategy):
         self._notify(record)
 
     def _notify(self, record: RoundRecord) -> None:
+        # The weights now are the ones this record evaluated (central and federated evaluation come after the step).
+        value = getattr(record, self.selection_metric)
+        self.best = update_best(self.best, record.round, self.selection_metric, value, self.weights)
         for hook in self.hooks:
             hook.end_round(record)
         for observer in self.observers:

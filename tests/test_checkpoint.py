@@ -183,6 +183,8 @@ def test_every_missing_field_is_named(written: Written) -> None:
     paths = _dict_paths(written.payload)
     assert len(paths) >= 12
     for path in paths:
+        if path == ("strategy", "best"):
+            continue  # optional: checkpoints written before best-model selection have none (tests/test_best_model.py)
         broken = copy.deepcopy(written.payload)
         parent = broken
         for key in path[:-1]:

@@ -57,7 +57,8 @@ def test_the_same_command_twice_makes_two_runs_and_leaves_the_first_alone(tmp_pa
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
     for r in runs:
         assert sorted(p.name for p in r.iterdir()) == [
-            "checkpoint.pt", "learning_curves.png", "metrics.csv", "model.pt", "partitions.csv", "run_config.json"
+            "best_model.json", "best_model.pt", "checkpoint.pt", "learning_curves.png", "metrics.csv", "model.pt",
+            "partitions.csv", "run_config.json",
         ]  # and no lock file: a finished run releases its folder
         assert json.loads((r / "run_config.json").read_text())["run-name"] == r.name
 
