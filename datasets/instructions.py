@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .core import Source, SourceOptions, TensorData
-from .text import group_partitions, load_tokenizer, resolve_text_files
+from .core import DataFileError, Source, SourceOptions, TensorData
+from .text import group_partitions, load_tokenizer, read_columns, resolve_text_files
 
 __all__ = [
     "CANDIDATES_COLUMN",
@@ -103,22 +102,14 @@ class InstructionEval:
 
 
 # ------------------------------------------------------------------------------------- reading
-def _read_frame(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=True, dtype=False)
-    if suffix in (".csv", ".tsv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
-    raise ValueError(f"{path}: instruction files are .jsonl, .json, .csv or .tsv")
-
-
-def _candidates(value: Any, path: Path, row: int) -> tuple[str, ...]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+def _candidates(value: Any, path: Path, where: tuple[int | None, int | None]) -> tuple[str, ...]:
+    if value is None:
         return ()
     if isinstance(value, str):
         value = [v for v in value.split("|")] if value.strip() else []
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{path}: row {row}: '{CANDIDATES_COLUMN}' must be a list of strings, got {value!r}")
+        raise DataFileError(path, f"'{CANDIDATES_COLUMN}' must be a list of strings (or 'a|b' in a table), got {value!r}",
+                            line=where[0], row=where[1], column=CANDIDATES_COLUMN)
     return tuple(v.strip() for v in value)
 
 
@@ -128,29 +119,33 @@ def read_instructions(
     """The examples of ``files`` and the group (file index) of each.
 
     Raises:
-        ValueError: A missing column (the message lists the file's columns), an empty prompt or response,
-            or a response that is not among its candidates.
+        DataFileError: (a ValueError) naming the file and line: a missing column (the message lists the
+            file's columns), an empty or non-text prompt or response, a response that is not among its
+            candidates, an empty, ragged, non-UTF-8 or non-JSON file.
+        OSError: a file that cannot be read or is not a regular file.
     """
     examples: list[Instruction] = []
     groups: list[int] = []
     for g, path in enumerate(files):
-        frame = _read_frame(path)
-        missing = [c for c in (prompt_column, response_column) if c not in frame.columns]
-        if missing:
-            raise ValueError(
-                f"{path}: column(s) {', '.join(missing)} not found (prompt-column / response-column); "
-                f"available: {', '.join(map(str, frame.columns))}"
-            )
-        for i, record in enumerate(frame.to_dict("records")):
-            prompt, response = str(record[prompt_column]).strip(), str(record[response_column]).strip()
-            if not prompt or not response:
-                raise ValueError(f"{path}: row {i}: empty {'prompt' if not prompt else 'response'}")
-            candidates = _candidates(record.get(CANDIDATES_COLUMN), path, i)
-            if candidates and response not in candidates:
-                raise ValueError(f"{path}: row {i}: response {response!r} is not one of its candidates {list(candidates)}")
-            task = record.get(TASK_COLUMN)
-            task = "" if task is None or (isinstance(task, float) and np.isnan(task)) else str(task).strip()
-            examples.append(Instruction(prompt, response, candidates, task))
+        records = read_columns(path, [prompt_column, response_column], (CANDIDATES_COLUMN, TASK_COLUMN))
+        if not records:
+            raise DataFileError(path, "holds no example (an empty file?)")
+        for record, (line, row) in records:
+            fields = {}
+            for key, column in (("prompt", prompt_column), ("response", response_column)):
+                value = record[column]
+                if not isinstance(value, str) or not value.strip():
+                    what = "empty" if isinstance(value, str) else ("missing" if value is None else f"not text: {value!r}")
+                    raise DataFileError(path, f"{key} in column '{column}' is {what}", line=line, row=row, column=column)
+                fields[key] = value.strip()
+            candidates = _candidates(record[CANDIDATES_COLUMN], path, (line, row))
+            if candidates and fields["response"] not in candidates:
+                raise DataFileError(path, f"response {fields['response']!r} is not one of its candidates {list(candidates)}",
+                                    line=line, row=row, column=response_column)
+            task = record[TASK_COLUMN]
+            if task is not None and not isinstance(task, (str, int)):
+                raise DataFileError(path, f"'{TASK_COLUMN}' must be text, got {task!r}", line=line, row=row, column=TASK_COLUMN)
+            examples.append(Instruction(fields["prompt"], fields["response"], candidates, "" if task is None else str(task).strip()))
             groups.append(g)
     return examples, np.asarray(groups, dtype=np.int64)
 
@@ -242,13 +237,20 @@ def _prepare(options: SourceOptions) -> tuple[Source, InstructionEval]:
         examples = [e for e, k in zip(examples, kept) if k]
         keep = torch.from_numpy(np.flatnonzero(kept))
         x, y, groups = x[keep], y[keep], groups[kept]
-    if not examples:
-        raise ValueError(f"no instruction example fits in max-length {options.max_length} tokens")
+    if len(examples) < 2:
+        found = "no example" if not examples else "only 1 example"
+        raise DataFileError(
+            options.path, f"{found} fits in max-length {options.max_length} tokens; a train and a test split need 2 "
+            "or more (raise max-length or add examples)",
+        )
     tasks = tuple(sorted({e.task for e in examples}))
     task_of = np.asarray([tasks.index(e.task) for e in examples], dtype=np.int64)
     answer = np.asarray([e.candidates.index(e.response) if e.candidates else -1 for e in examples], dtype=np.int64)
     strata = (groups * len(tasks) + task_of) * (int(answer.max()) + 2) + answer + 1
     train_idx, test_idx = _split(strata, options.test_fraction, options.seed)
+    if not len(train_idx) or not len(test_idx):
+        raise DataFileError(options.path, f"{len(examples)} examples leave an empty train or test split at "
+                            f"test-fraction {options.test_fraction}; add examples")
     natural = group_partitions(groups[train_idx], options.num_partitions, options.seed)
     take = lambda idx: TensorData(x[torch.from_numpy(idx)], y[torch.from_numpy(idx)])
     source = Source(
@@ -269,7 +271,8 @@ def _prepare(options: SourceOptions) -> tuple[Source, InstructionEval]:
             row_candidate.append(c)
     rx, ry, row_kept = _pack(row_pairs, options.max_length, pad)
     if not row_kept.all():  # every candidate of a kept example fits its prompt: only the candidate's end is cut
-        raise ValueError(f"a candidate answer leaves no token within max-length {options.max_length}; raise max-length")
+        raise DataFileError(options.path, f"a candidate answer leaves no token within max-length {options.max_length}; "
+                            "raise max-length")
     evaluation = InstructionEval(
         tasks=tasks,
         test_task=task_of[test_idx],

@@ -59,6 +59,7 @@ __all__ = [
     "load_text_lm_source",
     "load_text_source",
     "load_tokenizer",
+    "read_columns",
     "read_texts",
     "resolve_text_files",
 ]
@@ -121,14 +122,20 @@ def _check_columns(path: Path, wanted: list[str], available: list[str], where: _
         raise _error(path, problem, where, missing[0])
 
 
-def _read_records(path: Path, wanted: list[str], labelled: bool) -> list[tuple[list[Any], _Where]]:
-    """The values of the ``wanted`` columns of each example of one file, with where it is."""
+def _read_records(
+    path: Path, wanted: list[str], labelled: bool, optional: tuple[str, ...] = ()
+) -> list[tuple[list[Any], _Where]]:
+    """The values of the ``wanted`` columns (then the ``optional`` ones, None where absent) of each
+    example of one file, with where it is."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         table = read_table(path, "\t" if suffix == ".tsv" else ",")
         _check_columns(path, wanted, list(table.header), None)
-        index = [table.header.index(c) for c in wanted]
-        return [([row[j] for j in index], (line, None)) for row, line in zip(table.rows, table.lines, strict=True)]
+        index = [table.header.index(c) if c in table.header else None for c in [*wanted, *optional]]
+        return [
+            ([row[j] if j is not None else None for j in index], (line, None))
+            for row, line in zip(table.rows, table.lines, strict=True)
+        ]
     text = decode_text(read_bytes(path), path)
     if suffix == ".txt":
         if not labelled:
@@ -161,8 +168,28 @@ def _read_records(path: Path, wanted: list[str], labelled: bool) -> list[tuple[l
         if not isinstance(obj, dict):
             raise _error(path, f"a JSON object is expected, found {type(obj).__name__}", where)
         _check_columns(path, wanted, [str(k) for k in obj], where)
-        records.append(([obj[c] for c in wanted], where))
+        records.append(([obj[c] for c in wanted] + [obj.get(c) for c in optional], where))
     return records
+
+
+def read_columns(
+    path: Path, required: list[str], optional: tuple[str, ...] = ()
+) -> list[tuple[dict[str, Any], tuple[int | None, int | None]]]:
+    """The named columns of each example of a .csv, .tsv, .jsonl or .json file, and where it is.
+
+    Each example is a dict of the ``required`` columns and the ``optional`` ones (None where the file
+    or the record lacks them), with its place, ``(line, None)``, or ``(None, item)`` in a JSON array
+    (the ``line`` and ``row`` of a :class:`~datasets.core.DataFileError`).
+
+    Raises:
+        DataFileError: (a ValueError) naming the file and line: a required column is missing (the
+            message lists the file's columns), the file is ragged, not UTF-8 or not valid JSON.
+        OSError: If the file cannot be read, or is not a regular file.
+    """
+    if path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise _error(path, "column files are .csv, .tsv, .jsonl or .json")
+    names = [*required, *optional]
+    return [(dict(zip(names, values, strict=True)), where) for values, where in _read_records(path, required, True, optional)]
 
 
 def _parse_json(path: Path, text: str, line: int | None) -> Any:

@@ -637,3 +637,32 @@ def test_text_globs_over_special_files(workdir: Callable[[], Path], tokenizer_di
     valid = "good" in kinds
     options = text_options(folder / "*.txt", tokenizer_dir)
     attempt("text", "special-files", lambda: load_source("text", options), folder, valid, source_problems, tuple(fifos))
+
+
+# instructions (prompt/response files for instruction tuning)
+INSTRUCTION_VALUES = st.one_of(TEXTS, st.sampled_from([None, 3, 1.5, ["yes"], {"a": 1}, True]))
+
+
+@pytest.mark.timeout(300)
+@settings(BASE, max_examples=60)
+@given(data=st.binary(max_size=200), extension=st.sampled_from([".jsonl", ".json", ".csv", ".tsv"]))
+def test_instruction_random_bytes_never_crash(workdir: Callable[[], Path], tokenizer_dir: Path, data: bytes, extension: str) -> None:
+    path = workdir() / f"r{extension}"
+    path.write_bytes(data)
+    attempt("instructions", "bytes", lambda: load_source("instructions", text_options(path, tokenizer_dir)), path, None,
+            source_problems)
+
+
+@pytest.mark.timeout(300)
+@settings(BASE, max_examples=60)
+@given(records=st.lists(st.fixed_dictionaries(
+    {"prompt": INSTRUCTION_VALUES, "response": INSTRUCTION_VALUES},
+    optional={"candidates": st.one_of(INSTRUCTION_VALUES, st.lists(TEXTS, max_size=3)), "task": INSTRUCTION_VALUES},
+), max_size=6))
+def test_instruction_records_load_or_are_refused_naming_the_file(
+    workdir: Callable[[], Path], tokenizer_dir: Path, records: list[dict[str, Any]]
+) -> None:
+    path = workdir() / "i.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    attempt("instructions", "records", lambda: load_source("instructions", text_options(path, tokenizer_dir)), path, None,
+            source_problems)

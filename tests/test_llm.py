@@ -184,7 +184,7 @@ def test_plain_format_without_a_chat_template_and_cutting_to_max_length(tmp_path
     [
         ('{"question": "a", "response": "b"}\n', "column\\(s\\) prompt not found.*available: question, response"),
         ('{"prompt": "a", "response": "maybe", "candidates": ["yes", "no"]}\n', "'maybe' is not one of its candidates"),
-        ('{"prompt": "a", "response": ""}\n', "empty response"),
+        ('{"prompt": "a", "response": ""}\n', "response in column 'response' is empty"),
         ('{"prompt": "a", "response": "yes", "candidates": "yes"}\n', "must be a list of strings"),
     ],
 )
