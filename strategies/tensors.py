@@ -9,12 +9,15 @@ only (no Flower).
 from __future__ import annotations
 
 import cmath
+import math
 import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["all_finite", "float32_tensor", "tensor_view"]
+__all__ = ["all_finite", "float32_tensor", "l2_norm", "sq_norm_into", "tensor_view"]
+
+NORM_BLOCK = 1 << 16  # values converted to float64 at a time by the norms (512 KiB)
 
 
 def tensor_view(x: np.ndarray, where: str) -> torch.Tensor:
@@ -64,3 +67,29 @@ def all_finite(x: np.ndarray | torch.Tensor) -> bool:
         except ValueError:
             return bool(np.isfinite(x).all())
     return cmath.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
+def sq_norm_into(x: torch.Tensor, center: torch.Tensor | None = None) -> float:
+    """``||x - center||^2`` (``||x||^2`` without a center) of a tensor, summed in float64 block by block.
+
+    float64 cannot overflow on float32 inputs (3.4e38 squared is 1.2e77), and each block is converted on its own,
+    so the temporary is ``NORM_BLOCK`` values whatever the size of ``x``. ``center`` has the shape of ``x``.
+    """
+    flat = x.reshape(-1)
+    ref = center.reshape(-1) if center is not None else None
+    total = 0.0
+    for start in range(0, flat.numel(), NORM_BLOCK):
+        block = flat[start : start + NORM_BLOCK].to(torch.float64)
+        if ref is not None:
+            block.sub_(ref[start : start + NORM_BLOCK])
+        total += float(torch.dot(block, block))
+    return total
+
+
+def l2_norm(arrays: list[np.ndarray], center: list[np.ndarray] | None = None) -> float:
+    """The L2 norm of arrays taken as one vector (of ``arrays - center``), in float64; inf if not finite."""
+    total = 0.0
+    for j, x in enumerate(arrays):
+        ref = tensor_view(center[j], f"center {j}") if center is not None else None
+        total += sq_norm_into(tensor_view(x, f"array {j}"), ref)
+    return math.sqrt(total) if math.isfinite(total) else math.inf
