@@ -74,6 +74,7 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "local-epochs", "batch-size", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps",
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
+    "max-count-ratio", "max-update-norm-ratio",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 
