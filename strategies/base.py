@@ -405,6 +405,10 @@ class FederatedStrategy(Strategy):
                 record.round, bad, attempted, self.options.max_failure_fraction,
             )
             return None, {}
+        for u in accepted:  # what clients report of their data goes to partitions.csv, not into the figures
+            data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
+            if data:
+                self.data_summary[u.cid] = {"client": u.cid, **data}
         for hook in self.hooks:
             if hook.reads_updates:
                 accepted = hook.process_updates(record, accepted)
@@ -416,10 +420,6 @@ class FederatedStrategy(Strategy):
         if not self._apply(record, accepted, combined):
             return None, {}
         record.updated = True
-        for u in accepted:
-            data = {k[len("data_"):]: v for k, v in u.metrics.items() if k.startswith("data_")}
-            if data:
-                self.data_summary[u.cid] = {"client": u.cid, **data}
         record.train_loss = fit_metrics.pop("train_loss", math.nan)
         record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
         record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})

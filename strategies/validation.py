@@ -192,9 +192,12 @@ def metric_kind(name: str) -> str:
     """What a metric's name says it is: ``count`` (summed), ``maximum`` (``epsilon*``, ``*_max``: the largest
     is kept), ``accuracy`` (a fraction in [0, 1]), ``loss`` (>= 0) or ``value`` (any finite number).
 
-    ``data_*`` metrics (what a client reports of its data, e.g. ``data_label_3``) are counts.
+    ``data_*`` metrics (what a client reports of its data for the partition summary, e.g. ``data_label_3``, or
+    ``data_partition``, -1 for a node with its own file) are values.
     """
-    if name.startswith(("num_", "data_")) or name.endswith(("_bytes", "_count")):
+    if name.startswith("data_"):
+        return "value"
+    if name.startswith("num_") or name.endswith(("_bytes", "_count")):
         return "count"
     if name.startswith("epsilon") or name.endswith("_max"):
         return "maximum"

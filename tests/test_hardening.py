@@ -163,7 +163,7 @@ def test_preconditions_that_more_clients_could_meet_are_left_to_the_rounds() -> 
 def test_metrics_of_the_wrong_type_are_ignored_with_a_warning_and_the_round_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     strategy = make()
     begin(strategy, 4)
-    results = honest(strategy, 3, data_label_0=5)
+    results = honest(strategy, 3, data_label_0=5, data_partition=-1)  # -1: a node with its own data file
     results.append(evil(strategy, train_loss="low", data_client="h0", data_label_0=b"x", epsilon=math.nan,
                         train_accuracy=True, odd=[1, 2], none=None))
     with caplog.at_level(logging.WARNING):
@@ -173,6 +173,8 @@ def test_metrics_of_the_wrong_type_are_ignored_with_a_warning_and_the_round_goes
     assert record.train_loss == 1.0 and math.isnan(record.train_accuracy)  # the other clients' numbers only
     assert "fit_epsilon" not in record.extra
     assert {cid: e["client"] for cid, e in strategy.data_summary.items()} == {"h0": "h0", "h1": "h1", "h2": "h2"}
+    assert strategy.data_summary["h0"] == {"client": "h0", "label_0": 5, "partition": -1}
+    assert not any(k.startswith("fit_data_") for k in record.extra)  # partitions.csv material, not figures
     logged = warnings_of(caplog)
     for name in ("train_loss (not a number: str", "data_client (reserved", "epsilon (nan)", "train_accuracy (not a number: bool",
                  "odd (not a number: list"):
