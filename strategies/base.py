@@ -19,6 +19,14 @@ converts the one mean (mean_i(w_i) - w = mean_i(w_i - w)), so no per-client upda
 
 Composition. Behaviour such as differential privacy comes in as hooks (`StrategyHook`), passed
 to the constructor with the observers; secure aggregation is the ``preaggregated`` mode.
+
+Hardening. Whatever goes wrong while one reply is handled (any exception) rejects that reply, with
+the round, the client and the reason. What clients report is bounded relative to the round's lower
+median (`strategies.validation`): counts are capped at ``max_count_ratio`` times it, FedNova's step
+counts beyond it and updates whose norm exceeds ``max_update_norm_ratio`` times it are rejected.
+An aggregator that cannot run on the replies left keeps the model (`AggregatorSpec.requirement`).
+Every check comes before the server step, and the step is atomic: new weights, optimizer moments and
+control variate replace the old together, and only when all are finite (``step_refused`` otherwise).
 """
 
 from __future__ import annotations
@@ -380,7 +388,7 @@ class FederatedStrategy(Strategy):
         for failure in failures:
             log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
         record.bytes_received += sum(_nbytes(res.parameters) for _, res in results)
-        if results:
+        if results:  # the mean upload of one client (updates, compressed or not, plus any extras)
             record.extra["bytes_received_per_client"] = sum(_nbytes(res.parameters) for _, res in results) / len(results)
         lazy = self._lazy_mean()
         accepted, wires = self._accept(record, results, decode=not lazy)
