@@ -232,7 +232,7 @@ def honest_reference(rule: str, aggregator: str, codec: str, send_delta: bool, n
 # ----------------------------------------------------------------------------------- wire mutations
 def npy_bytes(header: dict[str, Any], body: bytes, major: int = 1) -> bytes:
     """An .npy file with this header dict (written by hand, so it may be absurd) and body."""
-    text = repr(header).encode("latin1")
+    text = repr(header).encode("utf-8")  # v1/v2 headers are latin-1 by the spec: other bytes are one more mutation
     prefix = 10 if major == 1 else 12
     pad = (64 - (prefix + len(text) + 1) % 64) % 64
     text = text + b" " * pad + b"\n"
