@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from strategies.tensors import all_finite, sq_norm_into, tensor_view
+from strategies.tensors import NORM_BLOCK, all_finite, sq_norm_into, tensor_view
 from strategies.validation import check_weights, client_shape_error
 
 __all__ = [
@@ -87,8 +87,8 @@ def _accumulate(
     ``group[k]`` is client ``first_client + k`` (for error messages). An empty ``acc`` is created from the group
     (float32, the first client's block written by ``mul(out=)``); otherwise the group must match its shapes. With
     ``finite``, ``finite[k]`` becomes False when client ``k`` holds a NaN or Inf (checked in the same pass). With
-    ``sq_norms``, ``||group[k] - center||^2`` is added to ``sq_norms[k]`` in the same pass (float64; ``center``
-    None is the origin), for the clients still finite.
+    ``sq_norms``, ``||group[k] - center||^2`` is added to ``sq_norms[k]`` in the same pass (``center`` None is the
+    origin; it must be finite), for the clients still finite; the norm then doubles as the finiteness check.
     """
     fresh = not acc
     shapes = [tuple(np.shape(x)) for x in group[0]] if fresh else [tuple(a.shape) for a in acc]
@@ -110,15 +110,24 @@ def _accumulate(
         if fresh:
             acc.append(torch.empty(shape, dtype=torch.float32))
         step = block_elements if blocked else max(acc[j].numel(), 1)
+        scratch = torch.empty(min(NORM_BLOCK, max(acc[j].numel(), 1)), dtype=torch.float32) if sq_norms is not None else None
         for block, chunks in _spans(acc[j], views, step):
             ref = chunks[len(group)] if len(chunks) > len(group) else None
             for k, chunk in enumerate(chunks[: len(group)]):
                 if chunk.dtype != torch.float32:
                     chunk = chunk.to(torch.float32)
-                if finite is not None and finite[k] and not all_finite(chunk):
-                    finite[k] = False
                 if sq_norms is not None and (finite is None or finite[k]):
-                    sq_norms[k] += sq_norm_into(chunk, ref)
+                    # The norm is also the finiteness check: ||x - c||^2 is finite iff x is (c, the global
+                    # weights, is finite), and sq_norm_into is exact for finite values however large.
+                    norm = sq_norm_into(chunk, ref, scratch)
+                    if math.isfinite(norm):
+                        sq_norms[k] += norm
+                    elif finite is not None:
+                        finite[k] = False
+                    else:
+                        sq_norms[k] = math.inf
+                elif finite is not None and finite[k] and not all_finite(chunk):
+                    finite[k] = False
                 if fresh and k == 0:
                     torch.mul(chunk, coefs[0], out=block)
                 else:
