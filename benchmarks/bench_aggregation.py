@@ -8,7 +8,9 @@ Flower's transport and make nothing realistic), it times:
   (what Flower's FedAvg does after `parameters_to_ndarrays`);
 - ``blocked-mean``: this project's `blocked_weighted_mean` on the same arrays;
 - ``flwr-fedavg-fit`` and ``ours-fedavg-fit``: the whole `aggregate_fit` of Flower's `FedAvg` and
-  of `FederatedStrategy` (decode, validate, average, server step) from the same `FitRes` list.
+  of `FederatedStrategy` (decode, validate, average, server step) from the same `FitRes` list;
+  ``ours-fedavg-fit-unbounded`` is ours without the per-round bounds (``max-update-norm-ratio`` and
+  ``max-count-ratio`` inf), the cost of the update-norm bound read from the same pass.
 
 Each measurement runs in a fresh subprocess; peak extra memory is the process's peak RSS during
 the call (VmHWM, reset through /proc/self/clear_refs) minus its RSS just before it, so inputs
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("flwr-aggregate", "blocked-mean", "flwr-fedavg-fit", "ours-fedavg-fit")
+METHODS = ("flwr-aggregate", "blocked-mean", "flwr-fedavg-fit", "ours-fedavg-fit", "ours-fedavg-fit-unbounded")
 
 
 def transformer_shapes(millions: float) -> list[tuple[int, ...]]:
@@ -102,7 +104,9 @@ def measure(method: str, millions: float, clients: int, repeats: int, threads: i
         elif method == "flwr-fedavg-fit":
             FedAvg(initial_parameters=ndarrays_to_parameters(global_weights)).aggregate_fit(1, results, [])
         else:
-            strategy = FederatedStrategy(StrategyOptions(), global_weights, [True] * len(global_weights))
+            unbounded = {"max_update_norm_ratio": float("inf"), "max_count_ratio": float("inf")}
+            options = StrategyOptions(**(unbounded if method.endswith("-unbounded") else {}))  # type: ignore[arg-type]
+            strategy = FederatedStrategy(options, global_weights, [True] * len(global_weights))
             strategy.aggregate_fit(1, results, [])
 
     times, peaks = [], []
@@ -152,7 +156,8 @@ def main() -> None:
                  "--repeats", str(args.repeats), "--threads", str(args.threads), "--child", method, str(size)],
                 cwd=root, env=env, capture_output=True, text=True, check=True,
             )
-            row = {"size_m": size, "method": method, "clients": args.clients, "threads": args.threads, **json.loads(out.stdout.strip().splitlines()[-1])}
+            row = {"size_m": size, "method": method, "clients": args.clients, "threads": args.threads,
+                   "load_1m": round(os.getloadavg()[0], 2), **json.loads(out.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(f"{size:>4.0f}M {method:<16} {row['seconds']:8.3f} s {row['gb_per_s']:6.2f} GB/s "
                   f"peak extra {row['peak_extra_mb']:8.1f} MB ({row['peak_extra_models']:.2f} models)", flush=True)
@@ -163,6 +168,8 @@ def main() -> None:
             ratio = sub.loc[theirs, "seconds"] / sub.loc[ours, "seconds"]
             print(f"{size:>4.0f}M {ours} is {ratio:.1f}x faster than {theirs}")
             frame.loc[(frame["size_m"] == size) & (frame["method"] == ours), "speedup_vs_flower"] = ratio
+        bound_cost = sub.loc["ours-fedavg-fit", "seconds"] / sub.loc["ours-fedavg-fit-unbounded", "seconds"]
+        print(f"{size:>4.0f}M ours-fedavg-fit with the update-norm bound takes {bound_cost:.2f}x the time without")
     RESULTS.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS / "aggregation.csv", index=False)
     print(f"wrote {RESULTS / 'aggregation.csv'}")

@@ -79,6 +79,7 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
     "model-cache-dir", "answer-scoring", "gradient-checkpointing", "max-local-steps",
+    "max-count-ratio", "max-update-norm-ratio",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

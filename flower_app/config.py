@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from strategies import STRATEGIES, get_rule
-from strategies.aggregators import AGGREGATOR_PARAMS_USED, AGGREGATOR_SPECS, AGGREGATORS
+from strategies.aggregators import AGGREGATOR_PARAMS_USED, AGGREGATOR_SPECS, AGGREGATORS, AggregatorParams
 from strategies.optimizers import OPTIMIZER_HPARAMS_USED
 
 Scalar = bool | int | float | str
@@ -26,9 +26,22 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:
     """A config field: its default, a one-line help and optional checks.
 
     checks: ``choices`` (an iterable or a zero-argument callable returning one), ``min``/``max``
-    (inclusive), ``gt``/``lt`` (exclusive).
+    (inclusive), ``gt``/``lt`` (exclusive), ``why`` (the reason for ``max``, quoted in the message),
+    ``allow_inf`` (floats: ``inf`` is allowed; the help must say what it means), ``path`` (strings:
+    a file system path, so no NUL character) and ``required`` (strings: may not be empty).
+
+    Every float must be finite (NaN never passes) unless ``allow_inf``; every int must fit in
+    TOML's 64-bit integers (`INT_MAX`) unless a smaller ``max`` is given.
     """
     return field(default=default, metadata={"help": help, **checks})
+
+
+INT_MAX = 2**63 - 1  # TOML integers are 64-bit; torch and numpy seeds accept up to here
+MEMORY = "larger values exhaust memory"
+TIME = "larger values run for ever"
+MAX_SECONDS = 30 * 86400.0  # 30 days; Python's thread waits overflow near 2^33 s
+# The synthetic and linear sources generate num-samples x num-features float64 values at once.
+MAX_GENERATED_VALUES = 10**8
 
 
 def _strategy_names() -> list[str]:
@@ -134,16 +147,17 @@ class AppConfig:
     """Every knob of a run. Field docs are the README's run-config table."""
 
     # --- rounds and client sampling ---
-    num_server_rounds: int = _opt(20, "rounds to run (in total, counting resumed rounds)", min=1)
+    num_server_rounds: int = _opt(20, "rounds to run (in total, counting resumed rounds)", min=1, max=10**6, why=TIME)
     fraction_fit: float = _opt(1.0, "fraction of available clients sampled to train each round", gt=0.0, max=1.0)
-    min_fit_clients: int = _opt(2, "minimum clients sampled to train each round", min=1)
+    min_fit_clients: int = _opt(2, "minimum clients sampled to train each round", min=1, max=10**6)
     fraction_evaluate: float = _opt(1.0, "fraction of clients sampled for federated evaluation (0 = none)", min=0.0, max=1.0)
-    min_evaluate_clients: int = _opt(2, "minimum clients for federated evaluation", min=0)
-    min_available_clients: int = _opt(2, "clients that must be connected before a round starts", min=1)
+    min_evaluate_clients: int = _opt(2, "minimum clients for federated evaluation", min=0, max=10**6)
+    min_available_clients: int = _opt(2, "clients that must be connected before a round starts", min=1, max=10**6)
     client_wait_timeout: float = _opt(
-        120.0, "seconds to wait for min-available-clients before going on with whoever is there", gt=0.0
+        120.0, "seconds to wait for min-available-clients before going on with whoever is there", gt=0.0,
+        max=MAX_SECONDS,
     )
-    round_timeout: float = _opt(0.0, "seconds to wait for client replies in a round (0 = no limit)", min=0.0)
+    round_timeout: float = _opt(0.0, "seconds to wait for client replies in a round (0 = no limit)", min=0.0, max=MAX_SECONDS)
     max_failure_fraction: float = _opt(
         0.5, "largest fraction of failed or rejected client results a round tolerates", min=0.0, max=1.0
     )
@@ -158,39 +172,40 @@ class AppConfig:
     server_bias_correction: bool = _opt(False, "Adam-style bias correction of the server moments")
     proximal_mu: float = _opt(0.01, "proximal weight mu of the clients' local objective (Li et al. 2020)", min=0.0)
     trim_fraction: float = _opt(0.2, "fraction cut at each end per coordinate", min=0.0, lt=0.5)
-    num_byzantine: int = _opt(1, "assumed number of bad clients", min=0)
-    num_selected: int = _opt(0, "clients averaged (0 = n - num-byzantine)", min=0)
+    num_byzantine: int = _opt(1, "assumed number of bad clients", min=0, max=10**6)
+    num_selected: int = _opt(0, "clients averaged (0 = n - num-byzantine)", min=0, max=10**6)
     # --- local training ---
-    local_epochs: int = _opt(2, "local epochs per round", min=1)
-    batch_size: int = _opt(32, "local mini-batch size", min=1)
+    local_epochs: int = _opt(2, "local epochs per round", min=1, max=10**4, why=TIME)
+    batch_size: int = _opt(32, "local mini-batch size", min=1, max=2**16, why=MEMORY)
     learning_rate: float = _opt(0.05, "client learning rate", gt=0.0)
     client_momentum: float = _opt(0.0, "client SGD momentum", min=0.0, lt=1.0)
     weight_decay: float = _opt(0.0, "client weight decay", min=0.0)
-    grad_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (effective batch = batch-size x this)", min=1)
+    grad_accumulation_steps: int = _opt(1, "micro-batches per optimizer step (effective batch = batch-size x this)", min=1, max=2**16, why=TIME)
     device: str = _opt("auto", "where clients train: auto (CUDA if available), cpu, cuda", choices=("auto", "cpu", "cuda"))
     # --- data ---
     dataset: str = _opt("digits", "data source", choices=_dataset_names)
-    data_root: str = _opt("", "directory for downloaded datasets ('' = ~/.cache/flower_app/data)")
+    data_root: str = _opt("", "directory for downloaded datasets ('' = ~/.cache/flower_app/data)", path=True)
     download: bool = _opt(False, "allow torchvision datasets to download when missing")
-    data_path: str = _opt("", "CSV file or image folder for the csv / image-folder sources")
+    data_path: str = _opt("", "CSV file or image folder for the csv / image-folder sources", path=True)
     label_column: str = _opt("label", "label column of a CSV source")
     class_names: str = _opt(
         "", "csv / image-folder / text: class names fixing label indices across data owners, comma-separated or a "
         "JSON list of strings for names with commas ('' = from the data)"
     )
     test_fraction: float = _opt(0.2, "held-out fraction for centralized evaluation (sources without a test split)", gt=0.0, lt=1.0)
-    num_samples: int = _opt(2000, "examples generated by the linear and synthetic sources", min=10)
-    num_features: int = _opt(10, "features of the linear and synthetic sources", min=1)
-    synthetic_alpha: float = _opt(1.0, "Synthetic(alpha, beta): model heterogeneity", min=0.0)
-    synthetic_beta: float = _opt(1.0, "Synthetic(alpha, beta): feature heterogeneity", min=0.0)
+    num_samples: int = _opt(2000, "examples generated by the linear and synthetic sources", min=10, max=10**7, why=MEMORY)
+    num_features: int = _opt(10, "features of the linear and synthetic sources", min=1, max=10**5, why=MEMORY)
+    synthetic_alpha: float = _opt(1.0, "Synthetic(alpha, beta): model heterogeneity", min=0.0, max=1000.0)
+    synthetic_beta: float = _opt(1.0, "Synthetic(alpha, beta): feature heterogeneity", min=0.0, max=1000.0)
     partitioner: str = _opt("dirichlet", "how the data is split across clients", choices=_partitioner_names)
     num_partitions: int = _opt(
-        0, "number of partitions (0 = take it from each node's node-config num-partitions)", min=0
+        0, "number of partitions (0 = take it from each node's node-config num-partitions)", min=0, max=10**5,
+        why=MEMORY,
     )
     dirichlet_alpha: float = _opt(0.5, "dirichlet partitioner: label-skew concentration", gt=0.0)
-    classes_per_partition: int = _opt(2, "shards partitioner: classes per client", min=1)
+    classes_per_partition: int = _opt(2, "shards partitioner: classes per client", min=1, max=10**5)
     quantity_alpha: float = _opt(1.0, "quantity-skew partitioner: size concentration", gt=0.0)
-    min_partition_size: int = _opt(10, "smallest partition the partitioners may produce", min=1)
+    min_partition_size: int = _opt(10, "smallest partition the partitioners may produce", min=1, max=10**9)
     image_size: int = _opt(
         32, "image-folder: images are resized to image-size x image-size pixels (all held in memory: 256 is 0.75 MiB each)",
         min=8, max=256,
@@ -200,25 +215,27 @@ class AppConfig:
         "auto", "model: auto (cnn for images, mlp for tabular, linear for regression), a registered name, or your "
         "own factory 'package.module:factory' (README \"Your own model\")"
     )
-    hidden_size: int = _opt(128, "hidden width of the mlp", min=1)
+    hidden_size: int = _opt(128, "hidden width of the mlp", min=1, max=2**16, why=MEMORY)
     # --- compressed updates ---
     send_delta: bool = _opt(False, "clients send w_local - w_global instead of their weights")
     compression: str = _opt("none", "codec for client updates", choices=_codec_names)
-    compression_block_size: int = _opt(256, "int8-block: elements per quantization scale", min=1)
+    compression_block_size: int = _opt(256, "int8-block: elements per quantization scale", min=1, max=2**24)
     topk_fraction: float = _opt(0.1, "topk: fraction of entries sent per tensor", gt=0.0, max=1.0)
     error_feedback: bool = _opt(True, "keep what compression dropped on the client and send it later")
     # --- run bookkeeping ---
     seed: int = _opt(42, "seed for sampling, partitioning and initialisation", min=0)
-    output_dir: str = _opt("outputs", "folder of the runs: each run writes into output-dir/<run-name>/")
+    output_dir: str = _opt("outputs", "folder of the runs: each run writes into output-dir/<run-name>/", path=True, required=True)
     resume: bool = _opt(False, "continue run-name (or, if empty, the run with the newest checkpoint) from its checkpoint")
-    checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1)
+    checkpoint_every: int = _opt(1, "save a checkpoint every this many rounds (the last round always)", min=1, max=10**6)
     # --- privacy: secure aggregation and differential privacy (README "Privacy") ---
     secure_aggregation: bool = _opt(False, "SecAgg+: the server only sees the sum of the client updates")
     secagg_num_shares: float = _opt(
-        1.0, "SecAgg+ shares per client secret: a fraction of the round's clients (<= 1) or a count (odd, >= 3)", gt=0.0
+        1.0, "SecAgg+ shares per client secret: a fraction of the round's clients (<= 1) or a count (odd, >= 3)", gt=0.0,
+        max=10**6,
     )
     secagg_reconstruction_threshold: float = _opt(
-        0.6, "SecAgg+ shares needed to rebuild a secret: a fraction of the shares (<= 1) or a count (>= 2)", gt=0.0
+        0.6, "SecAgg+ shares needed to rebuild a secret: a fraction of the shares (<= 1) or a count (>= 2)", gt=0.0,
+        max=10**6,
     )
     secagg_clipping_range: float = _opt(8.0, "SecAgg+ clips every sent value to [-range, range] before quantizing", gt=0.0)
     secagg_quantization_range: int = _opt(4194304, "SecAgg+ quantization levels per value (2^22)", min=2, max=2**30)
@@ -235,7 +252,8 @@ class AppConfig:
     dp_delta: float = _opt(1e-5, "delta of the (epsilon, delta) guarantee that is reported", gt=0.0, lt=1.0)
     dp_target_epsilon: float = _opt(0.0, "stop training before epsilon would exceed this (0 = no limit)", min=0.0)
     dp_population_size: int = _opt(
-        0, "clients in the federation, for the sampling rate (0 = clients connected in the first round)", min=0
+        0, "clients in the federation, for the sampling rate (0 = clients connected in the first round)", min=0,
+        max=10**9,
     )
     dp_target_quantile: float = _opt(0.5, "adaptive clipping: fraction of updates meant to be left unclipped", gt=0.0, lt=1.0)
     dp_clip_learning_rate: float = _opt(0.2, "adaptive clipping: geometric step of the clipping norm", gt=0.0)
@@ -244,13 +262,14 @@ class AppConfig:
     )
     # --- transformers / LoRA (flower_app/hf_models.py; README "Fine-tuning transformers with LoRA") ---
     hf_model: str = _opt(
-        "", "Hugging Face model, a local directory, a hub id or a GGUF file: the hf-* models' weights and the text datasets' tokenizer"
+        "", "Hugging Face model, a local directory, a hub id or a GGUF file: the hf-* models' weights and the text datasets' tokenizer",
+        path=True,
     )
     hf_dtype: str = _opt(
         "float32", "dtype the hf-* model's weights load in (LoRA adapters stay float32)",
         choices=("float32", "bfloat16", "float16"),
     )
-    lora_rank: int = _opt(8, "LoRA rank of the hf-* and vit-lora models (0 = no adapters: every weight trains)", min=0)
+    lora_rank: int = _opt(8, "LoRA rank of the hf-* and vit-lora models (0 = no adapters: every weight trains)", min=0, max=4096, why=MEMORY)
     lora_alpha: float = _opt(16.0, "LoRA scale alpha: the adapted layer adds (alpha / rank) B A x", gt=0.0)
     lora_dropout: float = _opt(0.0, "dropout on the adapters' input", min=0.0, lt=1.0)
     lora_target_modules: str = _opt(
@@ -264,10 +283,11 @@ class AppConfig:
         choices=("sgd", "adamw"),
     )
     text_column: str = _opt("text", "text column of csv, tsv and jsonl files (datasets text, text-lm)")
-    max_length: int = _opt(128, "tokens per example of the text datasets (longer texts are cut)", min=2)
+    max_length: int = _opt(128, "tokens per example of the text datasets (longer texts are cut)", min=2, max=2**16, why=MEMORY)
     # --- LLM instruction tuning (README "Instruction tuning of an LLM") ---
     model_cache_dir: str = _opt(
-        "", "where a node keeps the safetensors conversion of a GGUF hf-model ('' = ~/.cache/flower_app/models)"
+        "", "where a node keeps the safetensors conversion of a GGUF hf-model ('' = ~/.cache/flower_app/models)",
+        path=True,
     )
     prompt_column: str = _opt("prompt", "instruction column of the instructions dataset's files")
     response_column: str = _opt("response", "answer column of the instructions dataset's files")
@@ -281,7 +301,8 @@ class AppConfig:
     )
     # --- outputs and experiment tracking (flower_app/outputs.py; README "Outputs") ---
     run_name: str = _opt(
-        "", "this run's folder in output-dir ('' = a new generated name, YYYYmmdd-HHMMSS-<strategy>-<dataset>)"
+        "", "this run's folder in output-dir ('' = a new generated name, YYYYmmdd-HHMMSS-<strategy>-<dataset>)",
+        path=True,
     )
     tensorboard: bool = _opt(False, "also log every metric per round for TensorBoard (needs the tracking extra)")
     # --- a server without data (README "A server without data") ---
@@ -295,6 +316,15 @@ class AppConfig:
     num_outputs: int = _opt(
         0, "server-data none: number of classes or regression targets (0 = the number of class-names)", min=0
     )
+    # --- hardening: bounds on what one client can do (issue 10; README "What the server refuses") ---
+    max_count_ratio: float = _opt(
+        1000.0, "a client's weight (num_examples) is capped at this multiple of the round's lower-median count, and "
+        "a FedNova local_steps above this multiple of the median is rejected (inf = no cap)", min=1.0, allow_inf=True,
+    )
+    max_update_norm_ratio: float = _opt(
+        100.0, "an update whose L2 norm exceeds this multiple of the round's lower-median update norm is rejected "
+        "(inf = no bound)", min=1.0, allow_inf=True,
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -307,6 +337,12 @@ class AppConfig:
             raise ConfigError(
                 f"min-available-clients ({self.min_available_clients}) must be >= "
                 f"min-fit-clients ({self.min_fit_clients})"
+            )
+        self._check_round_size()
+        if self.num_samples * self.num_features > MAX_GENERATED_VALUES:
+            raise ConfigError(
+                f"num-samples x num-features = {self.num_samples} x {self.num_features} must be <= "
+                f"{MAX_GENERATED_VALUES} values ({MEMORY})"
             )
         rule = get_rule(self.strategy)
         means = [a for a, spec in AGGREGATOR_SPECS.items() if not spec.per_client]
@@ -398,6 +434,40 @@ class AppConfig:
                 raise ConfigError(
                     f"num-outputs ({self.num_outputs}) differs from the number of class-names ({count}); set one of them"
                 )
+
+    def max_round_clients(self) -> int | None:
+        """The most clients a round can train, or None when the federation's size is not bounded by the config.
+
+        With num-partitions > 0 every client trains on one of num-partitions partitions, so at most that many
+        connect; a round samples max(fraction-fit x available, min-fit-clients) of them (`FederatedStrategy`).
+        """
+        p = self.num_partitions
+        if p == 0:
+            return None
+        return min(p, max(int(self.fraction_fit * p), self.min_fit_clients))
+
+    def _check_round_size(self) -> None:
+        """Refuse what no round can ever satisfy: too few clients for the sampling or for the aggregator."""
+        p = self.num_partitions
+        if p > 0 and self.min_available_clients > p:
+            raise ConfigError(
+                f"min-available-clients ({self.min_available_clients}) can never connect: num-partitions={p} "
+                f"bounds the federation to {p} clients (one per partition)"
+            )
+        n = self.max_round_clients()
+        if n is None:
+            return
+        spec = AGGREGATOR_SPECS[self.aggregator]
+        params = AggregatorParams(self.trim_fraction, self.num_byzantine, self.num_selected)
+        reason = spec.requirement(n, params) or spec.weakness(n, params)
+        keys = aggregator_keys(self.aggregator)
+        change = f"change {', '.join(keys)}" if keys else "choose another aggregator"
+        if reason:
+            raise ConfigError(
+                f"aggregator '{self.aggregator}' can never do its job here: a round has at most {n} clients "
+                f"(num-partitions={p}, fraction-fit={self.fraction_fit:g}, min-fit-clients={self.min_fit_clients}), "
+                f"and {reason}; raise num-partitions or min-fit-clients, or {change}"
+            )
 
     def _check_unread_keys(self) -> None:
         """A rule- or aggregator-specific key set to a non-default value that this run does not read is a mistake."""
@@ -569,25 +639,47 @@ def _choices(meta: Mapping[str, Any]) -> list[str] | None:
 
 
 def _check_field(f: dataclasses.Field[Any], value: Any) -> None:
+    """One key's value on its own: type, choices, finiteness, bounds, paths. Every message names the key."""
     key = _kebab(f.name)
     expected: type = type(f.default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = _as_float(key, value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"run-config key '{key}' must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    value = cast(Any, value)  # of the field's type (isinstance over a runtime type narrows to object)
     meta = f.metadata
     choices = _choices(meta)
     if choices is not None and value not in choices:
         raise ConfigError(f"run-config key '{key}': unknown value {value!r}; choose one of: {', '.join(choices)}")
+    if expected is float and math.isnan(value):
+        raise ConfigError(f"run-config key '{key}' must be a number, got NaN")
+    if expected is float and math.isinf(value) and not (meta.get("allow_inf") and value > 0):
+        raise ConfigError(f"run-config key '{key}' must be finite, got {value}")
+    if expected is str:
+        if meta.get("required") and not value.strip():
+            raise ConfigError(f"run-config key '{key}' must not be empty: it names a folder")
+        if meta.get("path") and "\x00" in value:
+            raise ConfigError(f"run-config key '{key}' is a path and may not contain a NUL character, got {value!r}")
     bounds: list[tuple[str, Callable[[Any, Any], bool], str]] = [
         ("min", lambda v, b: v >= b, ">="),
         ("max", lambda v, b: v <= b, "<="),
         ("gt", lambda v, b: v > b, ">"),
         ("lt", lambda v, b: v < b, "<"),
     ]
+    limits = dict(meta)
+    if expected is int:
+        limits.setdefault("max", INT_MAX)
     for name, ok, symbol in bounds:
-        if name in meta and not ok(value, meta[name]):
-            raise ConfigError(f"run-config key '{key}' must be {symbol} {meta[name]}, got {value!r}")
+        if name in limits and not ok(value, limits[name]):
+            why = f" ({limits['why']})" if name == "max" and "why" in limits else ""
+            raise ConfigError(f"run-config key '{key}' must be {symbol} {limits[name]}{why}, got {value!r}")
+
+
+def _as_float(key: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"run-config key '{key}' must be a finite float, got the integer {value}") from None
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {_kebab(f.name): f for f in dataclasses.fields(AppConfig)}
@@ -626,7 +718,7 @@ def parse_run_config(run_config: Mapping[str, Scalar]) -> AppConfig:
     for key, value in run_config.items():
         f = FIELDS[key]
         if type(f.default) is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            value = _as_float(key, value)
         values[_snake(key)] = value
     try:
         return AppConfig(**values)

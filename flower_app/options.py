@@ -111,6 +111,9 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         seed=cfg.seed,
         send_delta=payload_kind(cfg) == "delta",
         compression=compression_config(cfg),
+        # hardening (issue 10)
+        max_count_ratio=cfg.max_count_ratio,
+        max_update_norm_ratio=cfg.max_update_norm_ratio,
     )
 
 

@@ -126,7 +126,7 @@ def trimmed_mean(arrays: Sequence[NDArrays], weights: Sequence[float], trim_frac
     check_same_shapes(arrays)
     check_weights(weights, len(arrays))
     n = len(arrays)
-    k = math.floor(trim_fraction * n + 1e-9)
+    k = _trim_count(n, trim_fraction)
     if n - 2 * k < 1:  # unreachable for trim_fraction < 0.5; kept as a guard for the rounding tolerance above
         raise ValueError(f"trim_fraction={trim_fraction} trims {k} values from each end of {n}, leaving none")
     out: NDArrays = []
@@ -344,6 +344,45 @@ AGGREGATOR_PARAMS_USED: dict[str, frozenset[str]] = {
 """Which :class:`AggregatorParams` fields each rule reads; a caller can reject settings that would do nothing."""
 
 
+def _nothing(n: int, params: AggregatorParams) -> str:
+    return ""
+
+
+def _trim_count(n: int, trim_fraction: float) -> int:
+    """Values :func:`trimmed_mean` drops at each end for ``n`` clients."""
+    return math.floor(trim_fraction * n + 1e-9)
+
+
+def _krum_requirement(n: int, params: AggregatorParams) -> str:
+    f = params.num_byzantine
+    if n < 2 * f + 3:
+        return f"Krum needs n >= 2f + 3 replies: n={n} with f={f} (num-byzantine) needs at least {2 * f + 3}"
+    return ""
+
+
+def _multi_krum_requirement(n: int, params: AggregatorParams) -> str:
+    reason = _krum_requirement(n, params)
+    m, f = params.num_selected, params.num_byzantine
+    if not reason and m > n - f:
+        reason = (f"Multi-Krum averages num-selected={m} replies, but only n - f = {n - f} of n={n} are assumed honest "
+                  f"(f={f}, num-byzantine)")
+    return reason
+
+
+def _median_weakness(n: int, params: AggregatorParams) -> str:
+    if n < 3:
+        return f"the median of {n} replies is their mean: it needs at least 3 to outvote one bad reply"
+    return ""
+
+
+def _trimmed_mean_weakness(n: int, params: AggregatorParams) -> str:
+    t = params.trim_fraction
+    if t > 0 and _trim_count(n, t) == 0:
+        return (f"trim-fraction {t:g} of n={n} replies trims floor({t:g} x {n}) = 0 at each end, so it is a plain mean; "
+                f"it trims one from each end from n={math.ceil((1 - 1e-9) / t)} on")
+    return ""
+
+
 @dataclass(frozen=True)
 class AggregatorSpec:
     """What an aggregation rule needs from a round (for callers' compatibility checks).
@@ -352,17 +391,23 @@ class AggregatorSpec:
         per_client: it needs every client's update on its own, not only their weighted sum; it cannot
             run under secure aggregation (the server sees only the sum) nor under central differential
             privacy (the noise is calibrated to the sum of clipped updates).
+        requirement: ``(n, params) -> why`` ``n`` replies cannot be aggregated at all ("" = they can); a round
+            that fails it keeps the model. Monotone: if ``n`` replies satisfy it, so do more.
+        weakness: ``(n, params) -> why`` ``n`` replies leave the rule without the robustness it is chosen for
+            ("" = they do not); such a round is aggregated, with a warning. Monotone like ``requirement``.
     """
 
     per_client: bool
+    requirement: Callable[[int, AggregatorParams], str] = _nothing
+    weakness: Callable[[int, AggregatorParams], str] = _nothing
 
 
 AGGREGATOR_SPECS: dict[str, AggregatorSpec] = {
-    "krum": AggregatorSpec(per_client=True),
+    "krum": AggregatorSpec(per_client=True, requirement=_krum_requirement),
     "mean": AggregatorSpec(per_client=False),
-    "median": AggregatorSpec(per_client=True),
-    "multi-krum": AggregatorSpec(per_client=True),
-    "trimmed-mean": AggregatorSpec(per_client=True),
+    "median": AggregatorSpec(per_client=True, weakness=_median_weakness),
+    "multi-krum": AggregatorSpec(per_client=True, requirement=_multi_krum_requirement),
+    "trimmed-mean": AggregatorSpec(per_client=True, weakness=_trimmed_mean_weakness),
 }
 """Run-config name -> :class:`AggregatorSpec`."""
 

@@ -19,6 +19,14 @@ converts the one mean (mean_i(w_i) - w = mean_i(w_i - w)), so no per-client upda
 
 Composition. Behaviour such as differential privacy comes in as hooks (`StrategyHook`), passed
 to the constructor with the observers; secure aggregation is the ``preaggregated`` mode.
+
+Hardening. Whatever goes wrong while one reply is handled (any exception) rejects that reply, with
+the round, the client and the reason. What clients report is bounded relative to the round's lower
+median (`strategies.validation`): counts are capped at ``max_count_ratio`` times it, FedNova's step
+counts beyond it and updates whose norm exceeds ``max_update_norm_ratio`` times it are rejected.
+An aggregator that cannot run on the replies left keeps the model (`AggregatorSpec.requirement`).
+Every check comes before the server step, and the step is atomic: new weights, optimizer moments and
+control variate replace the old together, and only when all are finite (``step_refused`` otherwise).
 """
 
 from __future__ import annotations
@@ -48,21 +56,34 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from strategies import get_rule
-from strategies.aggregators import AggregatorParams, fednova_combine, get_aggregator
+from strategies.aggregators import AGGREGATOR_SPECS, AggregatorParams, fednova_combine, get_aggregator
 from strategies.compression import CompressionConfig, decompress
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
-from strategies.optimizers import ServerOptHParams, get_server_optimizer
+from strategies.optimizers import ServerOptHParams, ServerOptState, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
 from strategies.selection import BestRound, best_state_dict, load_best_state, selection_metric, update_best
 from strategies.serde import views
-from strategies.streaming import StreamingMean, blocked_weighted_mean
-from strategies.validation import check_update
+from strategies.streaming import StreamingMean, finite_weighted_mean
+from strategies.tensors import all_finite, l2_norm
+from strategies.validation import (
+    cap_counts,
+    check_count,
+    check_flat_float32,
+    check_update,
+    clean_metrics,
+    is_real,
+    lower_median,
+    metric_kind,
+    norm_bound,
+)
 
 NDArrays = list[np.ndarray]
 CONTROL_STATE_KEY = "scaffold"  # the server control variate (rules with RuleSpec.scaffold)
 BEST_STATE_KEY = "best"  # the round with the lowest evaluation loss (strategies.selection)
 STATE_KEYS = ("round", "weights", "optimizer", CONTROL_STATE_KEY, BEST_STATE_KEY)  # the shell's own state_dict entries
 EvaluateFn = Callable[[NDArrays], tuple[float, dict[str, Scalar]]]
+# Names the server sets in an evaluation reply's figures: a client metric may not override them.
+EVALUATION_RESERVED = ("loss", "num_examples")
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,9 @@ class StrategyOptions:
     seed: int = 0
     send_delta: bool = False
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    # Hardening (issue 10): bounds on what one client can claim or send, relative to the round's lower median.
+    max_count_ratio: float = 1000.0  # num_examples capped at this x the lower median; FedNova local_steps beyond: rejected
+    max_update_norm_ratio: float = 100.0  # an update (or SCAFFOLD control delta) with a larger norm ratio: rejected
 
 
 def _central_extras(metrics: Mapping[str, Scalar]) -> dict[str, float]:
@@ -97,28 +121,54 @@ class RoundObserver(Protocol):
 # Metrics are aggregated by what they mean: counts add up, budgets take the maximum,
 # everything else (losses, accuracies) is an example-weighted mean.
 def metric_reducer(name: str) -> str:
-    if name.startswith("num_") or name.endswith(("_bytes", "_count")):
-        return "sum"
-    if name.startswith("epsilon") or name.endswith("_max"):
-        return "max"
-    return "mean"
+    kind = metric_kind(name)
+    return "sum" if kind == "count" else "max" if kind == "maximum" else "mean"
 
 
 def aggregate_metrics(replies: Sequence[tuple[int, Mapping[str, Scalar]]]) -> dict[str, float]:
-    """Combine per-client metrics: sums for counts, max for budgets, weighted means otherwise."""
-    names = sorted({k for _, m in replies for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    """Combine per-client metrics: sums for counts, max for budgets, weighted means otherwise.
+
+    Only finite real numbers take part (a string, a bool, NaN or Inf is left out, whatever the other clients
+    sent under that name), and only positive finite weights weigh a mean; a mean without any is NaN. A figure
+    that overflows is left out. Never raises.
+    """
+    names = sorted({k for _, m in replies for k, v in m.items() if isinstance(k, str) and _usable(v)})
     out: dict[str, float] = {}
     for name in names:
-        pairs = [(n, float(m[name])) for n, m in replies if name in m]
+        pairs = [(n, float(m[name])) for n, m in replies if _usable(m.get(name))]  # type: ignore[arg-type]
         how = metric_reducer(name)
         if how == "sum":
-            out[name] = sum(v for _, v in pairs)
+            value = sum(v for _, v in pairs)  # a float sum overflows to inf, which is left out below
         elif how == "max":
-            out[name] = max(v for _, v in pairs)
+            value = max(v for _, v in pairs)
         else:
-            total = sum(n for n, _ in pairs)
-            out[name] = sum(n * v for n, v in pairs) / total if total > 0 else math.nan
+            value = _weighted_mean([(w, v) for w, v in ((_weight(n), v) for n, v in pairs) if 0 < w < math.inf])
+        if math.isfinite(value) or (how == "mean" and math.isnan(value)):
+            out[name] = value
     return out
+
+
+def _weight(n: object) -> float:
+    """A reply's weight as a float (NaN for anything that is not a real number or overflows)."""
+    try:
+        return float(n) if is_real(n) else math.nan  # type: ignore[arg-type]
+    except OverflowError:
+        return math.nan
+
+
+def _usable(value: object) -> bool:
+    return math.isfinite(_weight(value))
+
+
+def _weighted_mean(pairs: Sequence[tuple[float, float]]) -> float:
+    """sum n_i v_i / sum n_i, scaled so that neither a huge count nor a huge value overflows (NaN for none)."""
+    if not pairs:
+        return math.nan
+    total = sum(n for n, _ in pairs)
+    top = max(abs(v) for _, v in pairs)
+    if top == 0:
+        return 0.0
+    return top * math.fsum((n / total) * (v / top) for n, v in pairs)
 
 
 class FederatedStrategy(Strategy):
@@ -312,8 +362,22 @@ class FederatedStrategy(Strategy):
         record = self._ensure_record(server_round)
         for failure in failures:
             log(WARNING, "round %d: evaluation failure: %s", record.round, _describe_failure(failure))
-        replies = [(r.num_examples, {"loss": r.loss, **r.metrics}) for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
-        metrics = aggregate_metrics(replies) if replies else {}
+        replies: list[tuple[str, int, dict[str, int | float]]] = []
+        for proxy, res in results:
+            try:
+                reason, reply = self._check_evaluation(record, proxy.cid, res)
+            except Exception as err:  # noqa: BLE001 - one client's reply can never stop the round
+                reason, reply = _describe_error(err), None
+            if reply is None:
+                log(WARNING, "round %d: ignored the evaluation of client %s: %s", record.round, proxy.cid, reason)
+                continue
+            replies.append(reply)
+        counts, capped = cap_counts([n for _, n, _ in replies], self.options.max_count_ratio)
+        for i in capped:
+            log(WARNING, "round %d: client %s evaluated on %d examples, more than max-count-ratio %g x the round's "
+                "lower median; its weight in the federated figures is capped at %d",
+                record.round, replies[i][0], replies[i][1], self.options.max_count_ratio, counts[i])
+        metrics = aggregate_metrics([(n, m) for n, (_, _, m) in zip(counts, replies)]) if replies else {}
         loss = metrics.pop("loss", None)
         record.federated_loss = loss if loss is not None else math.nan
         record.federated_accuracy = metrics.pop("accuracy", math.nan)
@@ -321,11 +385,30 @@ class FederatedStrategy(Strategy):
         self._finish_round()
         return loss, dict[str, Scalar](metrics)
 
+    def _check_evaluation(
+        self, record: RoundRecord, cid: str, res: EvaluateRes
+    ) -> tuple[str, tuple[str, int, dict[str, int | float]] | None]:
+        """(why the reply is unusable, None) or ("", (cid, num_examples, metrics with the loss))."""
+        reason = check_count(res.num_examples)
+        if reason is not None:
+            return reason, None
+        if not (is_real(res.loss) and math.isfinite(res.loss) and res.loss >= 0):
+            return f"loss must be a finite number >= 0, got {res.loss!r}", None
+        metrics, problems = clean_metrics(res.metrics, reserved=EVALUATION_RESERVED)
+        if problems:
+            log(WARNING, "round %d: client %s: evaluation metrics ignored: %s", record.round, cid, "; ".join(problems))
+        return "", (cid, int(res.num_examples), {"loss": float(res.loss), **metrics})
+
     # -------------------------------------------------------------------------- internals
     def _aggregate(
         self, record: RoundRecord, results: FitResults, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate and decode the replies, aggregate the updates and take the server step."""
+        """Validate and decode the replies, aggregate the updates and take the server step.
+
+        Every check of the round (each reply, the bounds relative to the round, the aggregator's needs, the
+        metrics) comes before the step, and the step itself is atomic (`_apply`): a round either moves the model
+        and the optimizer state together, to finite values, or leaves both as they were and says why.
+        """
         record.results, record.failures = len(results), len(failures)
         for failure in failures:
             log(WARNING, "round %d: client failure: %s", record.round, _describe_failure(failure))
@@ -334,9 +417,14 @@ class FederatedStrategy(Strategy):
             record.extra["bytes_received_per_client"] = sum(_nbytes(res.parameters) for _, res in results) / len(results)
         lazy = self._lazy_mean()
         accepted, wires = self._accept(record, results, decode=not lazy)
+        accepted, wires = self._bound_local_steps(record, accepted, wires)
+        accepted, wires = self._bound_extras(record, accepted, wires)
+        self._cap_weights(record, accepted)
         combined = self._mean_of(record, accepted, wires) if lazy and accepted else None
         if lazy:
             accepted = [u for u, wire in zip(accepted, wires) if wire is not None]
+        elif not self.preaggregated:
+            accepted = self._bound_norms(record, accepted)
         bad = len(failures) + record.rejected
         attempted = len(results) + len(failures)
         if not accepted:
@@ -350,7 +438,7 @@ class FederatedStrategy(Strategy):
                 record.round, bad, attempted, self.options.max_failure_fraction,
             )
             return None, {}
-        for u in accepted:
+        for u in accepted:  # what clients report of their data goes to partitions.csv, not into the figures
             data = {k[len("data_"):]: u.metrics.pop(k) for k in [k for k in u.metrics if k.startswith("data_")]}
             if data:
                 self.data_summary[u.cid] = {"client": u.cid, **data}
@@ -359,9 +447,12 @@ class FederatedStrategy(Strategy):
                 accepted = hook.process_updates(record, accepted)
                 if not accepted:
                     return None, {}
-        self._apply(accepted, combined)
-        record.updated = True
+        if combined is None and not self._aggregator_can_run(record, len(accepted)):
+            return None, {}
         fit_metrics = aggregate_metrics([(u.num_examples, u.metrics) for u in accepted])
+        if not self._apply(record, accepted, combined):
+            return None, {}
+        record.updated = True
         record.train_loss = fit_metrics.pop("train_loss", math.nan)
         record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
         record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})
@@ -445,6 +536,12 @@ class FederatedStrategy(Strategy):
         record.rejected += 1
         log(WARNING, "round %d: rejected update from client %s: %s", record.round, cid, reason)
 
+    def _refuse_step(self, record: RoundRecord, reason: str) -> bool:
+        record.step_refused = 1
+        log(WARNING, "round %d: server step refused: %s; the global model and the optimizer state are unchanged",
+            record.round, reason)
+        return False
+
     def _decode(self, wire: NDArrays) -> NDArrays:
         """A payload as float32 arrays of the model's shapes (checked by the codec)."""
         if self.preaggregated:  # SecAgg+ dequantizes to float64; the model travels as float32
@@ -465,6 +562,10 @@ class FederatedStrategy(Strategy):
             out.append(np.subtract(p, w, out=target) if self.kind == "weights" else np.negative(p, out=target))
         return out
 
+    def _center(self) -> NDArrays | None:
+        """What a payload's distance is measured from to give its update's norm: w for weights, 0 otherwise."""
+        return self.weights if self.kind == "weights" else None
+
     def _accept(
         self, record: RoundRecord, results: FitResults, decode: bool
     ) -> tuple[list[ClientUpdate], list[NDArrays | None]]:
@@ -473,108 +574,247 @@ class FederatedStrategy(Strategy):
         With ``decode``, every payload is decoded, fully checked and turned into an update now.
         Without it only what needs no pass over the data is checked (counts, SCAFFOLD extras,
         FedNova's steps); `_mean_of` decodes and checks the rest while it averages the payloads
-        (returned beside the updates, as received).
+        (returned beside the updates, as received). Whatever goes wrong with one reply (any
+        exception: a malformed header, an odd metric type, memory) rejects that reply only.
         """
         accepted: list[ClientUpdate] = []
         wires: list[NDArrays | None] = []
-        control_shapes = [s for s, t in zip(self.shapes, self.trainable) if t]
-        shared: NDArrays | None = None  # preaggregated: the one aggregate, decoded once
+        shared: list[NDArrays] = []  # preaggregated: the one aggregate, decoded once
         for proxy, res in results:
             try:
-                wire, extras = self._split(res)
-                reason = None if res.num_examples > 0 else f"num_examples must be a positive integer, got {res.num_examples!r}"
-                if reason is None and self.rule.scaffold:
-                    reason = check_update(extras, control_shapes, res.num_examples)
-                    reason = f"control variate: {reason}" if reason else None
-                steps = res.metrics.get("local_steps", 0)
-                if reason is None and self.rule.reports_local_steps and not (isinstance(steps, int) and steps > 0):
-                    reason = f"{self.rule.name} needs a positive integer metric local_steps, got {steps!r}"
-                update: NDArrays = []
-                if reason is None and decode and shared is not None:
-                    update = shared
-                elif reason is None and decode:
-                    payload = self._decode(wire)
-                    reason = check_update(payload, self.shapes, res.num_examples)
-                    update = self._to_update(payload) if reason is None else []
-                    shared = update if self.preaggregated and reason is None else None
-            except ValueError as err:
-                reason = str(err)
-            if reason is not None:
+                reason, update = self._check_reply(record, proxy.cid, res, decode, shared)
+            except Exception as err:  # noqa: BLE001 - one client can never crash the server
+                reason, update = _describe_error(err), None
+            if update is None:
                 self._reject(record, proxy.cid, reason)
                 continue
-            accepted.append(ClientUpdate(proxy.cid, update, extras, int(res.num_examples), dict(res.metrics)))
-            wires.append(None if decode else wire)
+            accepted.append(update[0])
+            wires.append(update[1])
         return accepted, wires
+
+    def _check_reply(
+        self, record: RoundRecord, cid: str, res: FitRes, decode: bool, shared: list[NDArrays]
+    ) -> tuple[str, tuple[ClientUpdate, NDArrays | None] | None]:
+        """(why the reply is unusable, None), or ("", (its update, its undecoded payload when not ``decode``))."""
+        wire, extras = self._split(res)
+        reason = check_count(res.num_examples)
+        if reason is not None:
+            return reason, None
+        if self.rule.scaffold:
+            control_shapes = [s for s, t in zip(self.shapes, self.trainable) if t]
+            reason = check_update(extras, control_shapes, int(res.num_examples))
+            if reason is not None:
+                return f"control variate: {reason}", None
+        metrics, problems = clean_metrics(res.metrics)
+        if self.rule.reports_local_steps:
+            steps = metrics.get("local_steps")
+            if not (isinstance(steps, int) and 0 < steps <= 2**53):
+                return f"{self.rule.name} needs a positive integer metric local_steps, got {res.metrics.get('local_steps')!r}", None
+        if problems:
+            log(WARNING, "round %d: client %s: metrics ignored: %s", record.round, cid, "; ".join(problems))
+        update: NDArrays = []
+        if decode and shared:
+            update = shared[0]
+        elif decode:
+            payload = self._decode(wire)
+            reason = check_update(payload, self.shapes, int(res.num_examples))
+            if reason is not None:
+                return reason, None
+            update = self._to_update(payload)
+            if self.preaggregated:
+                shared.append(update)
+        return "", (ClientUpdate(cid, update, extras, int(res.num_examples), dict[str, Scalar](metrics)), None if decode else wire)
+
+    def _bound_local_steps(
+        self, record: RoundRecord, updates: list[ClientUpdate], wires: list[NDArrays | None]
+    ) -> tuple[list[ClientUpdate], list[NDArrays | None]]:
+        """FedNova: reject a local_steps above max-count-ratio x the round's lower median (it would scale the
+        whole round's update by itself)."""
+        if not self.rule.reports_local_steps or len(updates) < 2:
+            return updates, wires
+        ratio = self.options.max_count_ratio
+        steps = [float(u.metrics["local_steps"]) for u in updates]
+        bound = ratio * lower_median(steps)
+        kept = [i for i, t in enumerate(steps) if t <= bound]
+        for i in sorted(set(range(len(updates))) - set(kept)):
+            self._reject(record, updates[i].cid, f"local_steps {int(steps[i])} is more than max-count-ratio {ratio:g} x "
+                         f"the round's lower median {int(lower_median(steps))}")
+        return [updates[i] for i in kept], [wires[i] for i in kept]
+
+    def _cap_weights(self, record: RoundRecord, updates: list[ClientUpdate]) -> None:
+        """Cap each client's num_examples at max-count-ratio x the round's lower median (its weight in means)."""
+        counts, capped = cap_counts([u.num_examples for u in updates], self.options.max_count_ratio)
+        for i in capped:
+            log(WARNING, "round %d: client %s reported %d examples, more than max-count-ratio %g x the round's lower "
+                "median %d; its weight is capped at %d", record.round, updates[i].cid, updates[i].num_examples,
+                self.options.max_count_ratio, lower_median([u.num_examples for u in updates]), counts[i])
+            updates[i].num_examples = counts[i]
+        record.weights_capped = len(capped)
+
+    def _bound_extras(
+        self, record: RoundRecord, updates: list[ClientUpdate], wires: list[NDArrays | None]
+    ) -> tuple[list[ClientUpdate], list[NDArrays | None]]:
+        """SCAFFOLD: reject control deltas beyond max-update-norm-ratio x the round's lower median (`_within_bound`)."""
+        if not self.rule.scaffold or not updates:
+            return updates, wires
+        keep = self._within_bound(record, updates, [l2_norm(u.extras) for u in updates], "control delta")
+        return [updates[i] for i in keep], [wires[i] for i in keep]
+
+    def _bound_norms(self, record: RoundRecord, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Reject decoded updates whose norm is beyond max-update-norm-ratio x the round's lower median, or not
+        finite (w_i - w can overflow where w_i is finite)."""
+        if math.isinf(self.options.max_update_norm_ratio):  # no bound: only what is not finite goes
+            norms = [0.0 if all(all_finite(a) for a in u.update) else math.inf for u in updates]
+        else:
+            norms = [l2_norm(u.update) for u in updates]
+        keep = self._within_bound(record, updates, norms, "update")
+        return [updates[i] for i in keep]
+
+    def _within_bound(self, record: RoundRecord, updates: Sequence[ClientUpdate], norms: Sequence[float], what: str) -> list[int]:
+        """Indices of ``updates`` whose ``norms`` are finite and within the round's bound; the others are rejected."""
+        ratio = self.options.max_update_norm_ratio
+        bound = norm_bound(norms, ratio)
+        keep: list[int] = []
+        for i, (u, norm) in enumerate(zip(updates, norms)):
+            if not math.isfinite(norm):
+                self._reject(record, u.cid, f"the {what} is not finite (NaN, Inf, or values near the float32 limit)")
+            elif norm > bound:
+                self._reject(record, u.cid, f"the {what}'s L2 norm {norm:.4g} is more than max-update-norm-ratio "
+                             f"{ratio:g} x the round's lower median {bound / ratio:.4g}")
+            else:
+                keep.append(i)
+        return keep
 
     def _mean_of(self, record: RoundRecord, updates: list[ClientUpdate], wires: list[NDArrays | None]) -> NDArrays | None:
         """The example-weighted mean update, rejecting bad payloads on the way (their wire becomes None).
 
         Uncompressed payloads are zero-copy views of the received bytes: they are averaged by
-        `blocked_weighted_mean`, which reads each once and reports non-finite clients. Compressed
-        payloads are decoded, checked and added one at a time, so one decoded payload is alive.
-        The mean of the payloads is turned into the mean update once, at the end.
+        `strategies.streaming.finite_weighted_mean`, which reads each once and reports the non-finite
+        clients and every client's update norm. Compressed payloads are decoded, checked and added one at
+        a time, so one decoded payload is alive. Either way, a client whose norm is beyond the round's
+        bound (`_within_bound`) is left out, which costs a second pass over the others. The mean of the
+        payloads is turned into the mean update once, at the end.
         """
-        codec = self.options.compression
-        if codec.codec == "none":
+        if self.options.compression.codec == "none":
             live: list[int] = []
             for i, (u, wire) in enumerate(zip(updates, wires)):
                 assert wire is not None
                 # Uncompressed float32 payloads are used as received (reshaped views; the codec sends
                 # tensors flat); finiteness is checked inside the mean's single pass.
-                reason = _check_flat_float32(wire, self.shapes)
+                reason = check_flat_float32(wire, self.shapes)
                 if reason is not None:
                     wires[i] = None
                     self._reject(record, u.cid, reason)
                     continue
                 wires[i] = [w.reshape(shape) for w, shape in zip(wire, self.shapes)]
                 live.append(i)
-            while True:
-                if not live:
-                    return None
-                combined, bad = blocked_weighted_mean(
-                    [cast(NDArrays, wires[i]) for i in live], [float(updates[i].num_examples) for i in live]
-                )
-                if not bad:
-                    break
-                for j in bad:
+            if not live:
+                return None
+            bounded = math.isfinite(self.options.max_update_norm_ratio)
+            norms: list[float] = []
+            mean, dropped = finite_weighted_mean(
+                [cast(NDArrays, wires[i]) for i in live], [float(updates[i].num_examples) for i in live],
+                center=self._center(), norms=norms if bounded else None,
+            )
+            if not bounded:
+                norms = [0.0] * len(live)  # no bound: every finite client is within it
+            for j in dropped:
+                wires[live[j]] = None
+                self._reject(record, updates[live[j]].cid, "the update contains NaN or Inf")
+            finite = [j for j in range(len(live)) if j not in dropped]
+            keep = [finite[k] for k in self._within_bound(record, [updates[live[j]] for j in finite], [norms[j] for j in finite], "update")]
+            if len(keep) < len(finite):
+                for j in set(finite) - set(keep):
                     wires[live[j]] = None
-                    self._reject(record, updates[live[j]].cid, "the update contains NaN or Inf")
-                live = [i for i in live if wires[i] is not None]
-            return self._to_update(combined)
-        mean = StreamingMean()
-        for i, (u, wire) in enumerate(zip(updates, wires)):
-            try:
-                payload = decompress(cast(NDArrays, wire), self.shapes, codec)
-                reason = check_update(payload, self.shapes, u.num_examples)
-            except ValueError as err:
-                reason = str(err)
-            if reason is not None:
+                mean, _ = finite_weighted_mean(
+                    [cast(NDArrays, wires[live[j]]) for j in keep], [float(updates[live[j]].num_examples) for j in keep]
+                ) if keep else (None, [])
+            return self._to_update(mean) if mean is not None else None
+        return self._streaming_mean_of(record, updates, wires)
+
+    def _streaming_mean_of(self, record: RoundRecord, updates: list[ClientUpdate], wires: list[NDArrays | None]) -> NDArrays | None:
+        """`_mean_of` for compressed payloads: decode, check and blend in one client at a time."""
+        codec = self.options.compression
+        center = self._center()
+        bounded = math.isfinite(self.options.max_update_norm_ratio)
+        norms: dict[int, float] = {}
+
+        def one_pass(indices: list[int], first: bool) -> StreamingMean:
+            mean = StreamingMean()
+            for i in indices:
+                u = updates[i]
+                try:
+                    payload = decompress(cast(NDArrays, wires[i]), self.shapes, codec)
+                    reason = check_update(payload, self.shapes, u.num_examples)
+                    if reason is None and first:
+                        norms[i] = l2_norm(payload, center) if bounded else 0.0
+                except Exception as err:  # noqa: BLE001 - one client can never crash the server
+                    reason = _describe_error(err)
+                if reason is not None:
+                    wires[i] = None
+                    self._reject(record, u.cid, reason)
+                    continue
+                mean.add(payload, u.num_examples)
+                del payload
+            return mean
+
+        live = [i for i, wire in enumerate(wires) if wire is not None]
+        mean = one_pass(live, first=True)
+        decoded = [i for i in live if wires[i] is not None]
+        keep = [decoded[k] for k in self._within_bound(record, [updates[i] for i in decoded], [norms[i] for i in decoded], "update")]
+        if len(keep) < len(decoded):
+            for i in set(decoded) - set(keep):
                 wires[i] = None
-                self._reject(record, u.cid, reason)
-                continue
-            mean.add(payload, u.num_examples)
-            del payload
+            mean = one_pass(keep, first=False)  # a second pass without the clients beyond the bound
         return self._to_update(mean.result()) if mean.count else None
 
-    def _apply(self, updates: list[ClientUpdate], combined: NDArrays | None = None) -> None:
-        """Aggregate the accepted updates (unless ``combined``, their mean, is given) and take the server step."""
-        weights = [float(u.num_examples) for u in updates]
-        if combined is not None:
-            pass
-        elif self.rule.fednova:
-            steps = [int(u.metrics["local_steps"]) for u in updates]
-            combined = fednova_combine([u.update for u in updates], weights, steps)
-        elif self.preaggregated:
-            combined = updates[0].update  # the protocol's mean; every result holds the same one
-        elif self.options.aggregator == "mean":
-            combined, _ = blocked_weighted_mean([u.update for u in updates], weights)
-        else:
-            combined = self.aggregate_fn([u.update for u in updates], weights, self.options.aggregator_params)
-        self.opt_state, self.weights = self.optimizer.step(self.opt_state, self.weights, _negated(combined), self.trainable)
-        if self.scaffold_state is not None:
-            self.scaffold_state = scaffold_update_control(
-                self.scaffold_state, [u.extras for u in updates], max(self._num_available, len(updates))
-            )
+    def _aggregator_can_run(self, record: RoundRecord, n: int) -> bool:
+        """The aggregator's needs for ``n`` replies (`AggregatorSpec`): refuse the step when it cannot run, warn
+        when it runs without the robustness it is for."""
+        if self.rule.fednova or self.preaggregated:
+            return True
+        name, spec, params = self.options.aggregator, AGGREGATOR_SPECS[self.options.aggregator], self.options.aggregator_params
+        reason = spec.requirement(n, params)
+        if reason:
+            return self._refuse_step(record, f"aggregator '{name}' cannot aggregate {n} replies: {reason}")
+        weakness = spec.weakness(n, params)
+        if weakness:
+            log(WARNING, "round %d: aggregator '%s' cannot do its job with %d replies: %s (aggregated all the same)",
+                record.round, name, n, weakness)
+        return True
+
+    def _apply(self, record: RoundRecord, updates: list[ClientUpdate], combined: NDArrays | None = None) -> bool:
+        """Aggregate the accepted updates (unless ``combined``, their mean, is given) and take the server step.
+
+        Atomic: the new weights, the optimizer state and the SCAFFOLD control variate are all computed and
+        checked finite before any of them replaces the old; otherwise nothing changes, the refusal is logged
+        and counted (``step_refused``). Returns whether the model moved.
+        """
+        try:
+            weights = [float(u.num_examples) for u in updates]
+            if combined is None:
+                if self.rule.fednova:
+                    steps = [int(u.metrics["local_steps"]) for u in updates]
+                    combined = fednova_combine([u.update for u in updates], weights, steps)
+                elif self.preaggregated:
+                    combined = updates[0].update  # the protocol's mean; every result holds the same one
+                else:
+                    combined = self.aggregate_fn([u.update for u in updates], weights, self.options.aggregator_params)
+            if not all(all_finite(c) for c in combined):
+                return self._refuse_step(record, "the aggregate of the updates is not finite")
+            opt_state, new_weights = self.optimizer.step(self.opt_state, self.weights, _negated(combined), self.trainable)
+            new_control = self.scaffold_state
+            if self.scaffold_state is not None:
+                new_control = scaffold_update_control(
+                    self.scaffold_state, [u.extras for u in updates], max(self._num_available, len(updates))
+                )
+        except Exception as err:  # noqa: BLE001 - e.g. an aggregator's own precondition: the round keeps the model
+            return self._refuse_step(record, _describe_error(err))
+        problem = _not_finite(new_weights, opt_state, new_control)
+        if problem:
+            return self._refuse_step(record, f"the step would make {problem} non-finite (an update too large for float32)")
+        self.opt_state, self.weights, self.scaffold_state = opt_state, new_weights, new_control
+        return True
 
 
 def _negated(update: NDArrays) -> NDArrays:
@@ -596,20 +836,28 @@ def _distinct_failures(failures: FitFailures) -> FitFailures:
     return distinct
 
 
-def _check_flat_float32(wire: NDArrays, shapes: Sequence[tuple[int, ...]]) -> str | None:
-    """Count, size and dtype of an uncompressed payload (no pass over the data)."""
-    if len(wire) != len(shapes):
-        return f"expected {len(shapes)} arrays, got {len(wire)}"
-    for i, (w, shape) in enumerate(zip(wire, shapes)):
-        if w.dtype != np.float32:
-            return f"array {i} has dtype {w.dtype}, expected float32"
-        if w.size != math.prod(shape):
-            return f"array {i} has {w.size} values, expected {math.prod(shape)} for shape {tuple(shape)}"
-    return None
+def _not_finite(weights: NDArrays, state: ServerOptState, control: ScaffoldState | None) -> str:
+    """What of a proposed step is not finite ("" = all of it is)."""
+    for name, arrays in (("the weights", weights), ("the optimizer's first moment", state.m or []),
+                         ("the optimizer's second moment", state.v or []),
+                         ("the SCAFFOLD control variate", control.control if control is not None else [])):
+        if not all(all_finite(a) for a in arrays):
+            return name
+    return ""
+
+
+def _describe_error(err: BaseException) -> str:
+    """A rejection reason from an exception: its message, with the type unless it is a plain ValueError."""
+    text = str(err) or repr(err)
+    return text if type(err) is ValueError else f"{type(err).__name__}: {text}"
 
 
 def _nbytes(parameters: Parameters) -> int:
-    return sum(len(t) for t in parameters.tensors)
+    """Bytes of a payload, for the bookkeeping; 0 for one that cannot even be measured (it is rejected later)."""
+    try:
+        return sum(len(t) for t in parameters.tensors)
+    except Exception:  # noqa: BLE001 - whatever a client sent, counting its bytes may not stop the round
+        return 0
 
 
 def _describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:

@@ -42,6 +42,8 @@ class RoundRecord:
     bytes_received: int = 0
     seconds: float = 0.0
     updated: bool = False
+    step_refused: int = 0  # 1 when the round's server step was refused (see the log for why); the model is unchanged
+    weights_capped: int = 0  # clients whose num_examples was capped at max-count-ratio x the round's lower median
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, Any]:
