@@ -5,12 +5,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from . import sources, text
+from . import sources
 from .core import Source, SourceOptions
 
 __all__ = ["SOURCES", "load_source"]
 
 logger = logging.getLogger(__name__)
+
+
+def _text_source(loader: str) -> Callable[[SourceOptions], Source]:
+    """A text source's loader, importing :mod:`datasets.text` (tokenizers, transformers) only when called."""
+
+    def load(options: SourceOptions) -> Source:
+        from . import text
+
+        return getattr(text, loader)(options)  # type: ignore[no-any-return]
+
+    load.__name__ = load.__qualname__ = loader
+    load.__doc__ = f"datasets.text.{loader}, imported on first use."
+    return load
+
 
 SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "cifar10": sources.load_cifar10_source,
@@ -21,8 +35,8 @@ SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "linear": sources.load_linear_source,
     "mnist": sources.load_mnist_source,
     "synthetic": sources.load_synthetic_source,
-    "text": text.load_text_source,
-    "text-lm": text.load_text_lm_source,
+    "text": _text_source("load_text_source"),
+    "text-lm": _text_source("load_text_lm_source"),
 }
 """Registry of sources by name; :func:`load_source` is the entry point."""
 

@@ -110,6 +110,8 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         seed=cfg.seed,
         send_delta=payload_kind(cfg) == "delta",
         compression=compression_config(cfg),
+        federated_evaluation=cfg.federated_evaluation,
+        num_rounds=cfg.num_server_rounds,
     )
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from flwr.common import Context, Scalar
 from flwr.common.logger import log
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat import LegacyContext, start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -80,9 +81,40 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
 
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
     recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
-    strategy = make_strategy(cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round)
+    initial = [w.copy() for w in get_weights(model, spec)]  # the strategy's own arrays, not views of the model
+    strategy = make_strategy(cfg, initial, spec.trainable, evaluate_fn, [recorder], recorder.start_round)
     recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
     return strategy, recorder.rounds_left
+
+
+class CohortClientManager(SimpleClientManager):
+    """Flower's client manager, which also sizes the server's sender pool to the clients a round samples from.
+
+    The legacy `Server` sends a round's messages from a thread pool of `max_workers` threads (Flower's
+    default ``min(32, CPUs + 4)``: 6 on a 2-core server), one blocking request per client, so a larger
+    cohort goes out in waves and each wave waits for the previous one's replies. Every time the
+    strategy lists the connected clients to sample a round's cohort (`all`), this calls
+    ``server.set_max_workers(n)`` with their number, an upper bound of the cohort; the pool starts
+    threads only for the messages it has, so each round's whole cohort is sent at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: Server | None = None
+
+    def all(self) -> dict[str, ClientProxy]:
+        clients = super().all()
+        if self.server is not None:
+            self.server.set_max_workers(max(1, len(clients)))
+        return clients
+
+
+def cohort_server(strategy: FederatedStrategy) -> Server:
+    """A legacy `Server` around ``strategy`` whose sender pool follows the cohort (`CohortClientManager`)."""
+    manager = CohortClientManager()
+    server = Server(client_manager=manager, strategy=strategy)
+    manager.server = server
+    return server
 
 
 def server_fn(context: Context) -> ServerAppComponents:
@@ -90,7 +122,11 @@ def server_fn(context: Context) -> ServerAppComponents:
     strategy, rounds = build_strategy(cfg, context.run_id)
     log(INFO, "strategy %s (aggregator %s), %d rounds, dataset %s", cfg.strategy, cfg.aggregator, rounds, cfg.dataset)
     timeout = cfg.round_timeout if cfg.round_timeout > 0 else None
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))
+    server = cohort_server(strategy)
+    return ServerAppComponents(
+        server=server, strategy=strategy, client_manager=server.client_manager(),
+        config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
+    )
 
 
 app = ServerApp()
@@ -126,7 +162,7 @@ def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], Serv
             grid=grid,
             server=components.server,
             config=components.config,
-            strategy=components.strategy,
+            strategy=components.strategy if components.server is None else None,  # the server holds its strategy
             client_manager=components.client_manager,
         )
         return

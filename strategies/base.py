@@ -50,6 +50,7 @@ from flwr.server.strategy import Strategy
 from strategies import get_rule
 from strategies.aggregators import AggregatorParams, fednova_combine, get_aggregator
 from strategies.compression import CompressionConfig, decompress
+from strategies.evaluation import EVALUATE_BEFORE_FIT, check_evaluation, split_fit_evaluation
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
@@ -81,6 +82,9 @@ class StrategyOptions:
     seed: int = 0
     send_delta: bool = False
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    # --- speed (issue 12): federated evaluation in the fit message (strategies.evaluation) ---
+    federated_evaluation: str = "separate"  # "fit" | "separate" | "none"
+    num_rounds: int = 0  # rounds of the run, resumed ones included ("fit": one evaluate round after the last; 0 = none)
 
 
 class RoundObserver(Protocol):
@@ -229,7 +233,9 @@ class FederatedStrategy(Strategy):
         self._record.bytes_sent += _nbytes(parameters) * len(clients)
         self._record.extra["bytes_sent_per_client"] = _nbytes(parameters)  # the model each sampled client gets
         log(INFO, "round %d: training on %d of %d clients", rnd, len(clients), self._num_available)
-        return [(c, FitIns(parameters, dict(config))) for c in clients]
+        evaluators = self._fit_evaluators(rnd, clients)  # they evaluate the model they receive before training
+        return [(c, FitIns(parameters, {**config, EVALUATE_BEFORE_FIT: True} if c.cid in evaluators else dict(config)))
+                for c in clients]
 
     def aggregate_fit(
         self,
@@ -242,6 +248,7 @@ class FederatedStrategy(Strategy):
             failures = _distinct_failures(failures)
         for hook in self.hooks:
             results, failures = hook.preprocess(results, failures)
+        self._fit_time_evaluation(record, results)
         parameters, metrics = self._aggregate(record, results, failures)
         for hook in self.hooks:
             hook.after_fit(record)
@@ -266,7 +273,7 @@ class FederatedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         record = self._ensure_record(server_round)
         clients: list[ClientProxy] = []
-        if self.options.fraction_evaluate > 0 and record.round != self._skipped_round:
+        if self.options.fraction_evaluate > 0 and self._evaluate_round(record.round) and record.round != self._skipped_round:
             clients = self._sample(
                 client_manager, record.round, "evaluate", self.options.fraction_evaluate, self.options.min_evaluate_clients
             )
@@ -290,13 +297,58 @@ class FederatedStrategy(Strategy):
         replies = [(r.num_examples, {"loss": r.loss, **r.metrics}) for _, r in results if r.num_examples > 0 and math.isfinite(r.loss)]
         metrics = aggregate_metrics(replies) if replies else {}
         loss = metrics.pop("loss", None)
-        record.federated_loss = loss if loss is not None else math.nan
-        record.federated_accuracy = metrics.pop("accuracy", math.nan)
-        record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        if self.options.federated_evaluation == "fit":  # the one evaluate round after the last: the final model
+            record.extra["final_federated_loss"] = loss if loss is not None else math.nan
+            record.extra["final_federated_accuracy"] = metrics.pop("accuracy", math.nan)
+            record.extra.update({f"final_eval_{k}": v for k, v in metrics.items()})
+        else:
+            record.federated_loss = loss if loss is not None else math.nan
+            record.federated_accuracy = metrics.pop("accuracy", math.nan)
+            record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
         self._finish_round()
         return loss, dict[str, Scalar](metrics)
 
     # -------------------------------------------------------------------------- internals
+    def _evaluate_round(self, rnd: int) -> bool:
+        """Whether round ``rnd`` has an evaluate round: every round ("separate"), after the last ("fit")."""
+        mode = self.options.federated_evaluation
+        return mode == "separate" or (mode == "fit" and 0 < self.options.num_rounds <= rnd)
+
+    def _fit_evaluators(self, rnd: int, clients: Sequence[ClientProxy]) -> set[str]:
+        """Mode "fit": the training clients asked to evaluate first, a seeded ``fraction-evaluate`` of them
+        (at least ``min-evaluate-clients``); none when ``fraction-evaluate`` is 0."""
+        if self.options.federated_evaluation != "fit" or self.options.fraction_evaluate <= 0 or not clients:
+            return set()
+        cids = sorted(c.cid for c in clients)
+        count = min(len(cids), max(int(self.options.fraction_evaluate * len(cids)), self.options.min_evaluate_clients))
+        return set(random.Random(zlib.crc32(f"{self.options.seed}:{rnd}:fit-evaluate".encode())).sample(cids, count))
+
+    def _fit_time_evaluation(self, record: RoundRecord, results: FitResults) -> None:
+        """Take each reply's evaluation of the model it received out of its fit metrics (`strategies.evaluation`).
+
+        In mode "fit" the valid ones (checked like evaluate replies) are combined like evaluate replies into the
+        round's federated columns: the model at the start of this round (``federated_model_round``).
+        """
+        replies: list[tuple[int, Mapping[str, Scalar]]] = []
+        for proxy, res in results:
+            evaluation, rest = split_fit_evaluation(res.metrics)
+            if not evaluation:
+                continue
+            res.metrics = rest
+            reason = check_evaluation(evaluation)
+            if reason is not None:
+                log(WARNING, "round %d: fit-time evaluation of client %s left out: %s", record.round, proxy.cid, reason)
+                continue
+            count = int(evaluation.pop("num_examples"))
+            replies.append((count, evaluation))
+        if self.options.federated_evaluation != "fit" or self.options.fraction_evaluate <= 0:
+            return
+        metrics = aggregate_metrics(replies) if replies else {}
+        record.federated_loss = metrics.pop("loss", math.nan)
+        record.federated_accuracy = metrics.pop("accuracy", math.nan)
+        record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        record.extra["federated_model_round"] = record.round - 1
+
     def _aggregate(
         self, record: RoundRecord, results: FitResults, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
