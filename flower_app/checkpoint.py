@@ -74,6 +74,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "local-epochs", "batch-size", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps",
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
+    # speed (issue 12): where federated evaluation happens, and the nodes' data cache
+    "federated-evaluation", "data-cache", "data-cache-dir",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

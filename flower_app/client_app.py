@@ -77,7 +77,14 @@ def _store(state: RecordDict, key: str, arrays: NDArrays | None) -> None:
 
 
 class FlowerClient(NumPyClient):
-    """Trains the shared model on this node's data; sends weights, an update or a gradient."""
+    """Trains the shared model on this node's data; sends weights, an update or a gradient.
+
+    ``send_views``: when True, `get_parameters` and a fit that sends weights return views of the
+    model's own tensors (no copy; valid until the model changes), for a caller that writes them out
+    at once (`ArrayClient` sets it). By default they are copies, as a `NumPyClient` caller expects.
+    """
+
+    send_views = False
 
     def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict) -> None:
         self.cfg = cfg
@@ -93,7 +100,11 @@ class FlowerClient(NumPyClient):
         self.spec = weight_spec(self.model)
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return get_weights(self.model, self.spec)
+        return self._own(get_weights(self.model, self.spec))
+
+    def _own(self, arrays: NDArrays) -> NDArrays:
+        """``arrays`` (views of the model) as they may leave this client: copies unless ``send_views``."""
+        return arrays if self.send_views else [a.copy() for a in arrays]
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         n = len(self.spec)
@@ -149,7 +160,7 @@ class FlowerClient(NumPyClient):
         if self.rule.scaffold:
             extras = self._scaffold_control_delta(global_weights, new_weights, control, own, result.num_steps)
         # The one conversion on the client: the update u = w_local - w_global, when the run sends updates.
-        payload = [w - g for w, g in zip(new_weights, global_weights)] if self.kind == "delta" else new_weights
+        payload = [w - g for w, g in zip(new_weights, global_weights)] if self.kind == "delta" else self._own(new_weights)
         metrics: dict[str, Scalar] = {"train_loss": result.loss, "local_steps": result.num_steps}
         if result.accuracy is not None:
             metrics["train_accuracy"] = result.accuracy
@@ -227,6 +238,8 @@ class ArrayClient(Client):
 
     def __init__(self, numpy_client: NumPyClient) -> None:
         self.numpy_client = numpy_client
+        if isinstance(numpy_client, FlowerClient):
+            numpy_client.send_views = True  # its arrays are written into the reply before the model changes
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
         arrays = self.numpy_client.get_parameters(dict(ins.config))
