@@ -500,6 +500,21 @@ def message_summary(messages: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+class Tables(dict[str, pd.DataFrame]):
+    """The run's tables; each is written to its CSV as soon as it is set (a later failure keeps it), with `uptime`."""
+
+    def __init__(self, out: Path, tag: str) -> None:
+        super().__init__()
+        self.out, self.tag = out, tag
+
+    def __setitem__(self, name: str, table: pd.DataFrame) -> None:
+        super().__setitem__(name, table)
+        if not table.empty:
+            now = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+            table.assign(uptime=now).to_csv(self.out / f"deployment{self.tag}_{name}.csv",
+                                            index=name in ("messages", "cold"))
+
+
 def ratio(before: float, after: float) -> float:
     return before / after if after and math.isfinite(after) and math.isfinite(before) else float("nan")
 
@@ -545,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     log.info("uptime at start: %s", uptime)
     results: list[SettingResult] = []
-    tables: dict[str, pd.DataFrame] = {}
+    tables = Tables(args.out, args.tag)
     try:
         # ---- rounds, phases, messages: the default job
         for nodes in counts:
@@ -561,12 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(result)
                     log.info("  %.1f s per round (first %.1f s, later %.1f s)", result.summary["all_rounds_mean_s"],
                              result.summary["first_round_s"], result.summary["later_rounds_mean_s"])
-        tables["rounds"] = pd.DataFrame([r.summary for r in results])
-        phase_frames = [r.phases for r in results if not r.phases.empty]
-        tables["phases"] = pd.concat(phase_frames) if phase_frames else pd.DataFrame()
-        message_frames = [r.messages for r in results if not r.messages.empty]
-        messages = pd.concat(message_frames) if message_frames else pd.DataFrame()
-        tables["messages"] = message_summary(messages)
+                    tables["rounds"] = pd.DataFrame([r.summary for r in results])
+                    phase_frames = [r.phases for r in results if not r.phases.empty]
+                    tables["phases"] = pd.concat(phase_frames) if phase_frames else pd.DataFrame()
+                    message_frames = [r.messages for r in results if not r.messages.empty]
+                    messages = pd.concat(message_frames) if message_frames else pd.DataFrame()
+                    tables["messages"] = message_summary(messages)
 
         # ---- the cold client, bare imports, the import list
         log.info("cold clients (load %.1f) ...", load())
@@ -678,9 +693,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if tree is base and setting == "simulation":
                             continue
                         log.info("%s %s %s (%.0f MB, load %.1f) ...", tree.label, model, setting, model_bytes / 1e6, load())
-                        result = run_setting(setting, rounds, 2, root / f"{tree.label}-{model}-{setting}", tree,
-                                             project=app, extra=extra, model_bytes=model_bytes)
+                        try:
+                            result = run_setting(setting, rounds, 2, root / f"{tree.label}-{model}-{setting}", tree,
+                                                 project=app, extra=extra, model_bytes=model_bytes)
+                        except (RuntimeError, TimeoutError) as err:  # recorded; the other runs still count
+                            log.error("%s %s %s failed: %s", tree.label, model, setting, err)
+                            model_rows.append({"model": model, "tree": tree.label, "setting": setting, "error": str(err)[:300]})
+                            continue
                         model_rows.append({"model": model, **result.summary})
+                        tables["models"] = pd.DataFrame(model_rows)
         tables["models"] = pd.DataFrame(model_rows)
     finally:
         remove_worktree(worktree)
@@ -707,8 +728,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, table in tables.items():
         if table.empty:
             continue
-        path = args.out / f"deployment{args.tag}_{name}.csv"
-        table.assign(uptime_start=uptime, uptime_end=uptime_end).to_csv(path, index=name in ("messages", "cold"))
         print(f"\n{titles[name]}:")
         if name == "phases":
             print(table.groupby(["tree", "setting", "supernodes", "phase"]).mean(numeric_only=True).drop(columns="round")
