@@ -1,37 +1,56 @@
-"""Seconds per round of the default job: in simulation, in an insecure and in a secure deployment.
+"""Where a deployed round's time goes, and what each of issue 12's levers buys: before and after, in one run.
 
-Run from the repository root (takes several minutes; nothing else should load the machine)::
+Run from the repository root (nothing else should load the machine; record the load anyway)::
 
-    python -m benchmarks.bench_deployment --rounds 3 --supernodes 10
+    python -m benchmarks.bench_deployment --quick      # about 10-20 minutes on 2 cores
+    python -m benchmarks.bench_deployment              # everything: 2 and 10 SuperNodes, 10M and 100M models
 
-Settings, each the default run config (pyproject.toml) with ``num-server-rounds`` set to
-``--rounds`` and ``--supernodes`` clients, all on localhost:
+Every table compares this tree ("branch") with a baseline tree of the app ("base", by default the
+commit before issue 12, checked out into a temporary git worktree; ``--baseline PATH`` uses a tree
+you have, ``--baseline none`` skips it), measured in the same run on the same machine, and records
+the load average (``uptime``) next to every figure. Absolute seconds depend on the machine and its
+load; the ratios are what carries over.
 
-``simulation``
-    a ``flower-superlink --simulation`` and ``flwr run`` (Ray actors live across rounds).
-``insecure``
-    README's one-machine deployment: ``flower-superlink --insecure`` and ``flower-supernode``s
-    (subprocess isolation: each SuperNode starts its executor).
-``secure``
-    the commands of compose.yaml: nginx in front of the SuperLink (the SuperNodes through the Fleet
-    listener, ``flwr run`` through the operator's), TLS on every connection, SuperNode and executor
-    authentication, the SuperLink state in a database, executors started separately
-    (``--isolation process``).
-``secure-poll-0.1``
-    ``secure`` with the executors polling for work every 0.1 s instead of 1 s
-    (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), the one polling interval Flower lets us set.
+Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>.csv``):
 
-Where a deployment round's time goes comes from the processes' time-stamped logs: per phase (fit,
-evaluate) the wait until the first SuperNode pulls its message (the SuperNode polls every 3 s),
-the time a SuperNode holds a message (executor poll, a fresh ``flwr-clientapp`` process, the
-ClientApp's work), and the wait after the last reply (the ServerApp polls every 3 s). A cold
-client is then timed in a fresh process, step by step (imports, data, model, fit, evaluate), and
-``python -X importtime`` lists the biggest imports of ``flower_app.client_app``.
-
-Writes ``benchmarks/results/deployment_rounds.csv`` (a row per setting and round),
-``deployment_summary.csv``, ``deployment_phases.csv`` and ``deployment_cold_client.csv``
-(``--tag -2nodes`` makes them ``deployment-2nodes_*.csv``). The machine's load average is recorded
-with each setting: the figures are only comparable at a similar load.
+``rounds``
+    seconds per round of the default job (digits CNN, 2 local epochs, federated evaluation) per
+    tree, setting and number of SuperNodes. Settings: ``simulation`` (``flower-superlink
+    --simulation``), ``insecure`` (README's one-machine deployment: subprocess isolation),
+    ``secure`` (compose.yaml's commands: nginx, TLS, SuperNode and executor authentication,
+    database, process isolation), ``secure-poll-0.1`` (executors polling every 0.1 s), and the
+    branch's ``insecure-separate`` (``federated-evaluation='separate'``: an evaluate message per
+    client and round, as before).
+``phases``
+    per round and phase (fit, evaluate) from the processes' time-stamped logs: the wait until the
+    first and the last SuperNode pull their message (SuperNodes poll every 3 s; the last pull also
+    shows a sender pool smaller than the cohort), how long a SuperNode holds a message, and the wait
+    after the last reply (the ServerApp polls every 3 s).
+``messages``
+    where a SuperNode's time with one message goes, phase -> seconds (mean over messages), from a
+    time-stamping stand-in for ``flwr-clientapp`` (``benchmarks/clientapp_probe.py``, put first on
+    the SuperNodes' PATH): executor poll and fork, Python start-up, Flower's ``flwr-clientapp``
+    imports, pulling the message, context, run and FAB, unpacking the FAB, importing the app,
+    building the client (config, data, model), the fit or evaluate itself, Flower's reply
+    conversion, pushing the reply, the SuperNode's next look for it, and the process's exit.
+``cold``
+    a cold ClientApp in a fresh process, step by step (median of ``--cold-repeats``), per tree,
+    next to bare ``python -c "import torch, flwr"`` (alone, and two at once as two SuperNodes' clients
+    start) and Flower's own ``flwr-clientapp`` imports; the goal line compares a deployed fit message
+    (spawn to exit) with the bare import.
+``imports``
+    the biggest imports of ``flower_app.client_app`` (``python -X importtime``) per tree.
+``levers``
+    each lever's gain as a ratio measured in this run: the client's own imports, the node's data
+    cache, the hand-written SGD step (no ``torch._dynamo``), the thread policy (two clients training
+    at once), federated evaluation in the fit message (round seconds), the sender pool sized to the
+    cohort (the last SuperNode's pull with 10 SuperNodes), and the copies between torch, NumPy and
+    Flower's records for a 100M-parameter model (bytes written and peak memory of the client's
+    conversion path).
+``models``
+    10M- and 100M-parameter transformer-like MLP stacks (``benchmarks/large_model_app.py``), 2
+    SuperNodes: seconds per round and useful GB/s (model bytes sent and received per round over the
+    round's seconds) deployed and in simulation.
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -48,12 +68,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from deploy.local import (
+    BIN,
     OPERATOR,
     ROOT,
     Cluster,
@@ -67,82 +89,216 @@ from deploy.local import (
 )
 
 log = logging.getLogger("bench_deployment")
-SETTINGS = ("simulation", "insecure", "secure", "secure-poll-0.1")
+SETTINGS = ("simulation", "insecure", "insecure-separate", "secure", "secure-poll-0.1")
 RESULTS = ROOT / "benchmarks" / "results"
+BASELINE_REF = "966ad3b"  # main before issue 12 (the merge of branch 'strat')
+PROBE = ROOT / "benchmarks" / "clientapp_probe.py"
+
+
+@dataclass(frozen=True)
+class Tree:
+    """An app tree to run: this branch or the baseline."""
+
+    label: str
+    path: Path
+
+    @property
+    def has_speed_keys(self) -> bool:
+        """Whether this tree knows issue 12's run-config keys (data-cache-dir, federated-evaluation)."""
+        return (self.path / "flower_app" / "threads.py").exists()
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+# ------------------------------------------------------------------------------- baseline tree
+def baseline_tree(spec: str, work: Path) -> tuple[Tree | None, Path | None]:
+    """(the baseline tree, the worktree to remove afterwards) from ``--baseline``: none, a path, or a git ref."""
+    if spec == "none":
+        return None, None
+    if Path(spec).is_dir():
+        return Tree("base", Path(spec).resolve()), None
+    dest = work / "baseline-tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), spec], check=True,
+                   capture_output=True, text=True)
+    return Tree("base", dest), dest
+
+
+def remove_worktree(path: Path | None) -> None:
+    if path is not None:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], check=False,
+                       capture_output=True, text=True)
+
+
+# --------------------------------------------------------------------------- the probe (shim)
+def probe_env(work: Path) -> dict[str, str]:
+    """PATH and folder for `clientapp_probe`: the SuperNodes' executors launch it as `flwr-clientapp`."""
+    shim, out = work / "shim", work / "probe"
+    shim.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    script = shim / "flwr-clientapp"
+    script.write_text(f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(PROBE)!r}, run_name='__main__')\n")
+    script.chmod(0o755)
+    return {"PATH": f"{shim}{os.pathsep}{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLOWER_APP_PROBE_DIR": str(out)}
+
+
+# Step -> (start mark, end mark) in a probe record; "received"/"sending" come from the SuperNode's log.
+MESSAGE_STEPS = (
+    ("executor poll + fork", "received", "spawned"),
+    ("python start-up", "spawned", "python_up"),
+    ("flwr-clientapp imports", "python_up", "flwr_imported"),
+    ("pull message, context, run, FAB", "flwr_imported", "pulled"),
+    ("unpack FAB", "pulled", "fab_installed"),
+    ("import the app", "fab_installed", "app_loaded"),
+    ("build client (config, threads, data, model)", "app_loaded", "client_built"),
+    ("fit / evaluate", "client_built", "work_done"),
+    ("Flower's reply conversion", "work_done", "app_done"),
+    ("push reply", "app_done", "pushed"),
+    ("SuperNode notices the reply", "pushed", "sending"),
+    ("process exit after push", "pushed", "exited"),
+)
+
+
+def message_records(group: Cluster, probe_dir: Path) -> pd.DataFrame:
+    """One row per ClientApp process: its message type, node and every step's seconds."""
+    records = [json.loads(p.read_text()) for p in sorted(probe_dir.glob("*.json"))]
+    by_port: dict[str, list[tuple[float, str, str]]] = {}
+    for name, proc in group.procs.items():
+        port = next((m.group(1) for a in proc.argv if (m := re.search(r"--port=(\d+)", a))), None)
+        if port is None or not name.startswith(("supernode", "clientapp")):
+            continue
+        node = name if name.startswith("supernode") else name.replace("clientapp", "supernode")
+        events = [(t, m.group(1), m.group(2)) for t, line in group.procs[node].lines if (m := _MSG.search(line))]
+        by_port[port] = events
+    rows = []
+    for rec in records:
+        t = dict(rec["t"])
+        port = next((a.rsplit(":", 1)[-1] for a in rec.get("argv", []) if re.search(r":\d+$", a)), "")
+        kind = "train" if rec.get("message_type", "").startswith("train") else "evaluate"
+        events = by_port.get(port, [])
+        spawned = t.get("spawned", math.nan)
+        received = [ts for ts, what, k in events if what == "Receiving" and k == kind and ts <= spawned + 0.05]
+        sending = [ts for ts, what, k in events if what == "Sending" and k == kind and ts >= t.get("pushed", math.inf) - 0.05]
+        if received:
+            t["received"] = max(received)
+        if sending:
+            t["sending"] = min(sending)
+        row: dict[str, Any] = {"message": "fit" if kind == "train" else "evaluate", "port": port, "spawned": spawned,
+                               "total_s": t.get("exited", math.nan) - spawned}
+        for step, start, end in MESSAGE_STEPS:
+            row[step] = t[end] - t[start] if start in t and end in t else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("spawned") if rows else pd.DataFrame()
 
 
 # ---------------------------------------------------------------------------- one setting each
-def _simulation(group: Cluster, nodes: int, config: dict[str, Any]) -> Process:
+def _default_config(rounds: int, nodes: int, out: Path, tree: Tree, work: Path) -> dict[str, Any]:
+    config: dict[str, Any] = {"num-server-rounds": rounds, "output-dir": str(out.parent), "run-name": out.name,
+                              "min-fit-clients": nodes, "min-available-clients": nodes}
+    if tree.has_speed_keys:
+        config["data-cache-dir"] = str(work / "data-cache")  # starts empty: round 1 prepares the data
+    return config
+
+
+def _simulation(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
     port = free_port()
-    group.start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host=127.0.0.1", f"--port={port}",
-                              "--disable-runtime-dependency-installation"]).wait_for("Uvicorn running", 120)
+    link = group.start("superlink", ["flower-superlink", "--insecure", "--simulation", "--host=127.0.0.1",
+                                     f"--port={port}", "--disable-runtime-dependency-installation"])
+    link.wait_for("Uvicorn running", 120)
     write_connection(group.home, "sim", f"127.0.0.1:{port}",
                      options={"num-supernodes": nodes, "backend.client-resources.num-cpus": 1})
-    return run_app(group, "sim", run_config_string(config), timeout=3600)
+    return run_app(group, "sim", run_config_string(config), timeout=3600, project=project)
 
 
-def _insecure(group: Cluster, nodes: int, config: dict[str, Any]) -> Process:
+def _insecure(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
     port = free_port()
-    group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
-                              "--disable-runtime-dependency-installation"]).wait_for("Uvicorn running", 120)
+    link = group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
+                                     "--disable-runtime-dependency-installation"])
+    link.wait_for("Uvicorn running", 120)
     write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
     for i in range(nodes):
         group.start(f"supernode-{i + 1}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
                                            f"--port={free_port()}", f"--node-config=partition-id={i} num-partitions={nodes}"])
     for i in range(nodes):
         group.procs[f"supernode-{i + 1}"].wait_for("SuperNode ID", 300)
-    return run_app(group, "local-deploy", run_config_string(config), timeout=3600)
+    return run_app(group, "local-deploy", run_config_string(config), timeout=3600, project=project)
 
 
-def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path) -> Process:
+def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path, project: Path) -> Process:
     start_compose_deployment(group, work, nodes)
-    return run_app(group, OPERATOR, run_config_string(config), timeout=3600)
+    return run_app(group, OPERATOR, run_config_string(config), timeout=3600, project=project)
 
 
-def run_setting(setting: str, rounds: int, nodes: int, work: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Run the default job in one setting; returns its metrics.csv, its phase table and a summary row."""
-    out = work / "out"  # output-dir/<run-name>
-    config: dict[str, Any] = {"num-server-rounds": rounds, "output-dir": str(out.parent), "run-name": out.name,
-                              "min-fit-clients": nodes, "min-available-clients": nodes}
+@dataclass
+class SettingResult:
+    metrics: pd.DataFrame
+    phases: pd.DataFrame
+    messages: pd.DataFrame
+    summary: dict[str, Any]
+
+
+def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, project: Path | None = None,
+                extra: dict[str, Any] | None = None, model_bytes: int = 0) -> SettingResult:
+    """Run a job in one setting with ``tree``'s app (or ``project``, a copy of it); metrics, phases, messages, summary."""
+    out = work / "out"
+    config = {**_default_config(rounds, nodes, out, tree, work), **(extra or {})}
+    if setting == "insecure-separate":
+        config["federated-evaluation"] = "separate"
     extra_env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"} if setting == "secure-poll-0.1" else {}
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
+    if setting != "simulation":
+        extra_env.update(probe_env(work))
+    load_before, started = load(), time.perf_counter()
+    project = project or tree.path
     with cluster(work, extra_env) as group:
         if setting == "simulation":
-            run = _simulation(group, nodes, config)
-        elif setting == "insecure":
-            run = _insecure(group, nodes, config)
+            _simulation(group, nodes, config, project)
+        elif setting.startswith("insecure"):
+            _insecure(group, nodes, config, project)
         else:
-            run = _secure(group, nodes, config, work)
+            _secure(group, nodes, config, work, project)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").exists() else pd.DataFrame()
-        phases = phase_table(group, run) if setting != "simulation" else pd.DataFrame()
+        phases = phase_table(group) if setting != "simulation" else pd.DataFrame()
+        messages = message_records(group, work / "probe") if setting != "simulation" else pd.DataFrame()
     if metrics.empty or metrics["round"].max() != rounds:
-        raise RuntimeError(f"{setting}: the run did not finish its {rounds} rounds; logs in {work / 'logs'}")
+        raise RuntimeError(f"{tree.label} {setting}: the run did not finish its {rounds} rounds; logs in {work / 'logs'}")
     trained = metrics[metrics["round"] > 0]
     later = trained[trained["round"] > 1]["seconds"]
+    mean_later = float(later.mean()) if len(later) else float("nan")
     summary = {
-        "setting": setting, "supernodes": nodes, "rounds": rounds,
-        "first_round_s": float(trained["seconds"].iloc[0]),
-        "later_rounds_mean_s": float(later.mean()) if len(later) else float("nan"),
+        "tree": tree.label, "setting": setting, "supernodes": nodes, "rounds": rounds,
+        "first_round_s": float(trained["seconds"].iloc[0]), "later_rounds_mean_s": mean_later,
         "all_rounds_mean_s": float(trained["seconds"].mean()),
         "final_central_accuracy": float(trained["central_accuracy"].iloc[-1]),
-        "wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0],
+        "wall_s": wall, "load_before": load_before, "load_after": load(),
     }
-    metrics.insert(0, "setting", setting)
-    if not phases.empty:
-        phases.insert(0, "setting", setting)
-    return metrics, phases, summary
+    if model_bytes:
+        seconds = mean_later if math.isfinite(mean_later) else summary["all_rounds_mean_s"]
+        summary["model_mb"] = model_bytes / 1e6
+        summary["useful_gb_per_s"] = 2 * nodes * model_bytes / seconds / 1e9  # sent to and back from each client
+    for frame in (metrics, phases, messages):
+        if not frame.empty:
+            frame.insert(0, "setting", setting)
+            frame.insert(0, "tree", tree.label)
+    return SettingResult(metrics, phases, messages, summary)
 
 
 # ------------------------------------------------------------------------------ the timeline
 _MSG = re.compile(r"(Receiving|Sending): (train|evaluate) message")
 
 
-def phase_table(group: Cluster, run: Process) -> pd.DataFrame:
-    """Per round and phase: dispatch wait, time SuperNodes hold a message, collect wait (seconds)."""
+def phase_table(group: Cluster) -> pd.DataFrame:
+    """Per round and phase: dispatch wait, time SuperNodes hold a message, collect wait (seconds).
+
+    The ServerApp's lines are read from the process that printed them (the SuperLink in subprocess
+    isolation, the ServerApp executor in process isolation), time-stamped as they arrived.
+    """
     marks = {"fit": (r"configure_fit: strategy sampled", r"aggregate_fit: received"),
              "evaluate": (r"configure_evaluate: strategy sampled", r"aggregate_evaluate: received")}
+    server = next((p for p in group.procs.values() if p.find(marks["fit"][0])), None)
+    if server is None:
+        return pd.DataFrame()
     node_events: dict[str, list[tuple[float, str, str]]] = {}
     for name, proc in group.procs.items():
         if name.startswith("supernode-"):
@@ -150,20 +306,19 @@ def phase_table(group: Cluster, run: Process) -> pd.DataFrame:
     rows = []
     for phase, (begin, end) in marks.items():
         kind = "train" if phase == "fit" else "evaluate"
-        starts, ends = run.find(begin), run.find(end)
-        for rnd, ((t0, _), (t1, _)) in enumerate(zip(starts, ends), start=1):
-            received = [t for ev in node_events.values() for t, what, k in ev if what == "Receiving" and k == kind and t0 <= t <= t1]
-            sent = [t for ev in node_events.values() for t, what, k in ev if what == "Sending" and k == kind and t0 <= t <= t1]
-            held = []
+        for (t0, _), (t1, _) in zip(server.find(begin), server.find(end)):
+            received, sent, held = [], [], []
             for ev in node_events.values():
                 r = [t for t, what, k in ev if what == "Receiving" and k == kind and t0 <= t <= t1]
                 s = [t for t, what, k in ev if what == "Sending" and k == kind and t0 <= t <= t1]
+                received += r
+                sent += s
                 if r and s:
                     held.append(s[0] - r[0])
             if not received or not sent:
                 continue
             rows.append({
-                "round": rnd, "phase": phase, "phase_s": t1 - t0,
+                "round": len([r for r in rows if r["phase"] == phase]) + 1, "phase": phase, "phase_s": t1 - t0,
                 "until_first_pull_s": min(received) - t0, "until_last_pull_s": max(received) - t0,
                 "node_holds_mean_s": statistics.mean(held) if held else float("nan"),
                 "node_holds_max_s": max(held) if held else float("nan"),
@@ -176,17 +331,30 @@ def phase_table(group: Cluster, run: Process) -> pd.DataFrame:
 _COLD = r"""
 import json, sys, time
 t0 = time.perf_counter()
+args = json.loads(sys.argv[1])
+import torch
 import flower_app.client_app as ca
 t1 = time.perf_counter()
+node_config = {"partition-id": args.get("partition", 0), "num-partitions": args["nodes"]}
+try:  # as build_client does: the node's torch-threads (the baseline has no thread policy: torch's default)
+    from flower_app.threads import apply_threads
+    apply_threads({**node_config, "torch-threads": args["threads"]} if args.get("threads") else node_config)
+except ImportError:
+    if args.get("threads"):
+        torch.set_num_threads(int(args["threads"]))
 from flwr.common import RecordDict
 from flower_app.config import parse_run_config
 from flower_app.data import client_data
 from flower_app.task import get_weights
-cfg = parse_run_config({})
-data = client_data(cfg, {"partition-id": 0, "num-partitions": int(sys.argv[1])})
+if args.get("torch_optim"):  # the lever off: torch.optim's SGD (its first call imports torch._dynamo)
+    import flower_app.task as task
+    task.make_optimizer = lambda params, o: torch.optim.SGD(params, lr=o.learning_rate, momentum=o.momentum,
+                                                            weight_decay=o.weight_decay)
+cfg = parse_run_config(args["run_config"])
+data = client_data(cfg, node_config)
 t2 = time.perf_counter()
 client = ca.FlowerClient(cfg, data, RecordDict())
-weights = get_weights(client.model, client.spec)
+weights = [w.copy() for w in get_weights(client.model, client.spec)]
 dynamo_before = "torch._dynamo" in sys.modules
 t3 = time.perf_counter()
 client.fit(weights, {"server-round": 1})
@@ -195,27 +363,51 @@ client.fit(weights, {"server-round": 1})  # the same work again, warm
 t5 = time.perf_counter()
 client.evaluate(weights, {"server-round": 1})
 t6 = time.perf_counter()
-print(json.dumps({"import_client_app_s": t1 - t0, "load_partition_s": t2 - t1, "build_model_s": t3 - t2,
-                  "first_fit_s": t4 - t3, "second_fit_s": t5 - t4, "evaluate_s": t6 - t5,
-                  "fit_imported_torch_dynamo": float(not dynamo_before and "torch._dynamo" in sys.modules)}))
+print(json.dumps({"import flower_app.client_app": t1 - t0, "load partition": t2 - t1, "build model": t3 - t2,
+                  "first fit": t4 - t3, "second fit (warm)": t5 - t4, "evaluate": t6 - t5,
+                  "fit imported torch._dynamo": float(not dynamo_before and "torch._dynamo" in sys.modules),
+                  "torch threads": torch.get_num_threads()}))
 """
 
 
-def cold_client(nodes: int, repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Median step times of a ClientApp in a fresh process, and the biggest imports (-X importtime)."""
-    runs = []
+def _env_for(tree: Tree) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree.path)}
+
+
+def cold_runs(tree: Tree, args: dict[str, Any], repeats: int, at_once: int = 1) -> pd.DataFrame:
+    """``repeats`` x ``at_once`` fresh client processes (``at_once`` started together); one row each."""
+    rows = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _COLD, str(nodes)], cwd=ROOT, capture_output=True, text=True,
-                              check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["process_s"] = time.perf_counter() - start
-        runs.append(row)
-    steps = pd.DataFrame(runs).median().rename("median_s").to_frame()
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flower_app.client_app"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
-    # Per top-level package, its outermost import's cumulative time (what importing it first cost,
-    # its own imports included, so packages nest: torch includes numpy).
+        started = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", _COLD, json.dumps({**args, "partition": i % args["nodes"]})],
+                                  cwd=tree.path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=_env_for(tree)) for i in range(at_once)]
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cold client ({tree.label}, {args}) failed:\n{err[-3000:]}")
+            row = json.loads(out.strip().splitlines()[-1])
+            row["process"] = time.perf_counter() - started
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def timed_process(code: str, repeats: int, at_once: int = 1, env: dict[str, str] | None = None) -> float:
+    """Median seconds from spawn to exit of ``python -c code`` (``at_once`` started together: each one's time)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", code], env=env or dict(os.environ)) for _ in range(at_once)]
+        for proc in procs:
+            proc.wait(timeout=600)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def import_table(tree: Tree) -> pd.DataFrame:
+    """The biggest imports of flower_app.client_app (-X importtime), per top-level package, outermost cumulative."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flower_app.client_app"], cwd=tree.path,
+                          capture_output=True, text=True, check=True, env=_env_for(tree))
     top: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s*(\S+)", line)
@@ -223,66 +415,326 @@ def cold_client(nodes: int, repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
             name = m.group(2).split(".")[0]
             top[name] = max(top.get(name, 0.0), int(m.group(1)) / 1e6)
     ranked = sorted(((k, v) for k, v in top.items() if v >= 0.01), key=lambda kv: -kv[1])[:12]
-    imports = pd.DataFrame(ranked, columns=["package", "cumulative_s"])
-    return steps.reset_index(names="step"), imports
+    return pd.DataFrame([{"tree": tree.label, "package": k, "cumulative_s": v} for k, v in ranked])
+
+
+def own_import_seconds(tree: Tree, repeats: int) -> float:
+    """Median seconds to import flower_app.client_app once torch and Flower's flwr-clientapp are imported."""
+    code = ("import time, torch, flwr.supernode.cli.flwr_clientapp\nt = time.perf_counter()\n"
+            "import flower_app.client_app\nprint(time.perf_counter() - t)")
+    values = []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", code], cwd=tree.path, capture_output=True, text=True, check=True,
+                             env=_env_for(tree))
+        values.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(values)
+
+
+# ------------------------------------------------------------------------- copies (large model)
+_COPIES = r"""
+import json, sys, time
+import numpy as np, torch
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["bench"])
+from large_model_app import MLPStack, SIZES
+from flwr.common import FitIns
+import flower_app.client_app as ca
+from flower_app.task import ModelInfo, weight_spec, get_weights
+width, blocks = SIZES[args["model"]]
+info = ModelInfo("classification", (60,), 10)
+torch.manual_seed(0)
+model = MLPStack(60, 10, width, blocks)
+spec = weight_spec(model)
+rng = np.random.default_rng(1)
+tensors = [ca.npy_bytes(rng.standard_normal(s, dtype=np.float32)) for s in spec.shapes]  # one array alive at a time
+ins = FitIns(ca.Parameters(tensors=tensors, tensor_type="numpy.ndarray"), {"server-round": 1})  # what Flower hands over
+del tensors
+
+class Holder(ca.NumPyClient):  # the client's own conversions only: load the model, send it back
+    def fit(self, parameters, config):
+        ca.set_weights(model, spec, parameters)
+        return get_weights(model, spec), 1, {}
+def status(field):  # kB -> bytes, from /proc/self/status (VmRSS now, VmHWM the peak since the last reset)
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Linux: reset the peak (VmHWM) to the current RSS
+t0 = time.perf_counter()
+if args["client"] == "array":
+    res = ca.ArrayClient(Holder()).fit(ins)
+else:
+    res = Holder().to_client().fit(ins)
+seconds = time.perf_counter() - t0
+peak = status("VmHWM")
+model_bytes = sum(int(np.prod(s)) * 4 for s in spec.shapes)
+print(json.dumps({"seconds": seconds, "peak_growth_models": max(0, peak - before) / model_bytes,
+                  "model_mb": model_bytes / 1e6}))
+"""
+
+
+def copies_table(tree: Tree, model: str, repeats: int) -> pd.DataFrame:
+    """The client's conversion path for one fit of a large model: ArrayClient vs Flower's NumPyClient wrapper."""
+    rows = []
+    for client, bytes_copied in (("numpy", 4), ("array", 2)):
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, "-c", _COPIES, json.dumps({"model": model, "client": client,
+                                                                             "bench": str(ROOT / "benchmarks")})],
+                                 cwd=tree.path, capture_output=True, text=True, check=True, env=_env_for(tree))
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            # Model-sized copies by construction (per fit, receive + send): Flower's NumPyClient wrapper: np.load of
+            # the message bytes, copy into the model, np.save into a BytesIO, getvalue (4; the baseline's get_weights
+            # copied once more: 5); ArrayClient: into the model from a view of the bytes, one write into the reply (2).
+            rows.append({"client": client, "model": model, "model_copies_by_design": bytes_copied, **row})
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["client", "model"], as_index=False).median(numeric_only=True)
+
+
+# ----------------------------------------------------------------------------------- tables
+def message_summary(messages: pd.DataFrame) -> pd.DataFrame:
+    """Mean seconds per step, per tree, setting and message type (phase -> seconds)."""
+    if messages.empty:
+        return pd.DataFrame()
+    steps = [s for s, _, _ in MESSAGE_STEPS] + ["total_s"]
+    table = messages.groupby(["tree", "setting", "supernodes", "message"])[steps].mean().T
+    return table
+
+
+class Tables(dict[str, pd.DataFrame]):
+    """The run's tables; each is written to its CSV as soon as it is set (a later failure keeps it), with `uptime`."""
+
+    def __init__(self, out: Path, tag: str) -> None:
+        super().__init__()
+        self.out, self.tag = out, tag
+
+    def __setitem__(self, name: str, table: pd.DataFrame) -> None:
+        super().__setitem__(name, table)
+        if not table.empty:
+            now = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+            table.assign(uptime=now).to_csv(self.out / f"deployment{self.tag}_{name}.csv",
+                                            index=name in ("messages", "cold"))
+
+
+def ratio(before: float, after: float) -> float:
+    return before / after if after and math.isfinite(after) and math.isfinite(before) else float("nan")
 
 
 # -------------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per setting (default 3)")
-    parser.add_argument("--supernodes", type=int, default=10, help="clients, as in the default simulation (default 10)")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {', '.join(SETTINGS)}")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 SuperNodes, 3 rounds, settings simulation/insecure/insecure-separate, the 10M model")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per setting (default 4; --quick 3)")
+    parser.add_argument("--supernodes", default=None, help="comma-separated counts (default 2,10; --quick 2)")
+    parser.add_argument("--settings", default=None,
+                        help=f"comma-separated subset of {', '.join(SETTINGS)} (default simulation,insecure,insecure-separate)")
+    parser.add_argument("--models", default=None, help="large models, comma-separated of mlp-stack-10m, mlp-stack-100m, "
+                        "or none (default both; --quick mlp-stack-10m)")
+    parser.add_argument("--baseline", default=BASELINE_REF,
+                        help=f"the 'before' app: a git ref (checked out into a temporary worktree), a folder, or none "
+                        f"(default {BASELINE_REF}, main before issue 12)")
     parser.add_argument("--cold-repeats", type=int, default=3, help="fresh-process client timings (median)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work directories (logs) and print their path")
-    parser.add_argument("--tag", default="", help="suffix of the CSV names, e.g. '-2nodes' -> deployment-2nodes_rounds.csv")
+    parser.add_argument("--tag", default="", help="suffix of the CSV names, e.g. '-quick' -> deployment-quick_rounds.csv")
     args = parser.parse_args(argv)
-    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    rounds = args.rounds or (3 if args.quick else 4)
+    counts = [int(n) for n in (args.supernodes or ("2" if args.quick else "2,10")).split(",")]
+    settings = [s.strip() for s in (args.settings or "simulation,insecure,insecure-separate").split(",") if s.strip()]
+    models = [m for m in (args.models or ("mlp-stack-10m" if args.quick else "mlp-stack-10m,mlp-stack-100m")).split(",")
+              if m and m != "none"]
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from: {', '.join(SETTINGS)}")
-    if args.rounds < 1 or args.supernodes < 2:
-        parser.error("--rounds must be >= 1 and --supernodes >= 2")
+    if rounds < 2 or min(counts) < 2:
+        parser.error("--rounds must be >= 2 (round 1 prepares the data; later rounds are the steady state) and "
+                     "--supernodes >= 2")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("make_certs").setLevel(logging.WARNING)
-    logging.getLogger("prepare_host").setLevel(logging.WARNING)
+    for noisy in ("make_certs", "prepare_host"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench-deployment-"))
-    rounds, phases, summary = [], [], []
+    branch = Tree("branch", ROOT)
+    base, worktree = baseline_tree(args.baseline, root)
+    trees = [t for t in (base, branch) if t is not None]
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    log.info("uptime at start: %s", uptime)
+    results: list[SettingResult] = []
+    tables = Tables(args.out, args.tag)
     try:
-        for setting in settings:
-            log.info("%s: %d SuperNodes, %d rounds ...", setting, args.supernodes, args.rounds)
-            metrics, table, row = run_setting(setting, args.rounds, args.supernodes, root / setting)
-            rounds.append(metrics)
-            phases.append(table)
-            summary.append(row)
-            log.info("%s: %.1f s per round (first %.1f s), wall %.0f s", setting, row["all_rounds_mean_s"],
-                     row["first_round_s"], row["wall_s"])
-        steps, imports = cold_client(args.supernodes, args.cold_repeats)
+        # ---- rounds, phases, messages: the default job
+        for nodes in counts:
+            for setting in settings:
+                for tree in trees:
+                    if setting == "insecure-separate" and not tree.has_speed_keys:
+                        continue  # the baseline's only mode is 'insecure'
+                    log.info("%s %s: %d SuperNodes, %d rounds (load %.1f) ...", tree.label, setting, nodes, rounds, load())
+                    result = run_setting(setting, rounds, nodes, root / f"{tree.label}-{setting}-{nodes}", tree)
+                    for frame in (result.phases, result.messages):
+                        if not frame.empty:
+                            frame.insert(2, "supernodes", nodes)
+                    results.append(result)
+                    log.info("  %.1f s per round (first %.1f s, later %.1f s)", result.summary["all_rounds_mean_s"],
+                             result.summary["first_round_s"], result.summary["later_rounds_mean_s"])
+                    tables["rounds"] = pd.DataFrame([r.summary for r in results])
+                    phase_frames = [r.phases for r in results if not r.phases.empty]
+                    tables["phases"] = pd.concat(phase_frames) if phase_frames else pd.DataFrame()
+                    message_frames = [r.messages for r in results if not r.messages.empty]
+                    messages = pd.concat(message_frames) if message_frames else pd.DataFrame()
+                    tables["messages"] = message_summary(messages)
+
+        # ---- the cold client, bare imports, the import list
+        log.info("cold clients (load %.1f) ...", load())
+        cold_rows = []
+        nodes = counts[0]
+        cores = os.cpu_count() or 1
+        auto_threads = max(1, cores // nodes)  # what torch-threads=auto gives with `nodes` SuperNodes on this host
+        for tree in trees:
+            run_config: dict[str, Any] = {}
+            cold_args: dict[str, Any] = {"nodes": nodes, "run_config": run_config}
+            if tree.has_speed_keys:
+                run_config["data-cache-dir"] = str(root / "cold-cache")
+                cold_args["threads"] = auto_threads
+                cold_runs(tree, cold_args, 1)  # prepares the node cache
+            frame = cold_runs(tree, cold_args, args.cold_repeats)
+            cold_rows.append(frame.median().rename(tree.label))
+        cold = pd.concat(cold_rows, axis=1)
+        bare = {
+            'python -c "import torch, flwr" (alone)': timed_process("import torch, flwr", args.cold_repeats),
+            'python -c "import torch, flwr" (two at once)': timed_process("import torch, flwr", args.cold_repeats, 2),
+            "flwr-clientapp's imports + torch (alone)": timed_process(
+                "import torch, flwr.supernode.cli.flwr_clientapp", args.cold_repeats),
+        }
+        for name, seconds in bare.items():
+            cold.loc[name] = seconds
+        fits = messages[(messages["message"] == "fit") & (messages["setting"] == "insecure")] if not messages.empty else messages
+        for tree in trees:
+            mine = fits[(fits["tree"] == tree.label) & (fits["supernodes"] == nodes)] if not fits.empty else fits
+            # Round 1 prepares the data cache; the steady state is every later message.
+            value = float(mine["total_s"].iloc[nodes:].median()) if len(mine) > nodes else math.nan
+            cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)", tree.label] = value
+        goal_row = cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)"]
+        cold.loc["message minus bare import (two at once); goal <= 1.0"] = goal_row - bare[
+            'python -c "import torch, flwr" (two at once)']
+        tables["cold"] = cold
+        tables["imports"] = pd.concat([import_table(t) for t in trees])
+
+        # ---- levers, each measured in this run
+        log.info("levers (load %.1f) ...", load())
+        lever_rows: list[dict[str, Any]] = []
+
+        def lever(name: str, off: float, on: float, what: str) -> None:
+            lever_rows.append({"lever": name, "without_s": off, "with_s": on, "gain_ratio": ratio(off, on), "measured": what,
+                               "load": load()})
+
+        if base is not None:
+            lever("client imports (own modules)", own_import_seconds(base, args.cold_repeats),
+                  own_import_seconds(branch, args.cold_repeats),
+                  "import flower_app.client_app after torch + flwr-clientapp's imports: base vs branch")
+        cache_dir = str(root / "lever-cache")
+        cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}}, 1)
+        cached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1},
+                           args.cold_repeats)
+        uncached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache": False}, "threads": 1}, args.cold_repeats)
+        lever("node data cache", float(uncached["load partition"].median()), float(cached["load partition"].median()),
+              "load partition in a fresh process: data-cache=false vs a cache hit")
+        one_thread = {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1}
+        optim = cold_runs(branch, {**one_thread, "torch_optim": True}, args.cold_repeats)
+        ours = cold_runs(branch, one_thread, args.cold_repeats)
+        lever("SGD without torch.optim (no torch._dynamo)", float(optim["first fit"].median()),
+              float(ours["first fit"].median()), "first fit in a fresh process, 1 thread: torch.optim.SGD vs flower_app.sgd")
+        many = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": cores},
+                         args.cold_repeats, at_once=2)
+        one = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": max(1, cores // 2)},
+                        args.cold_repeats, at_once=2)
+        lever("thread policy (2 clients on one host)", float(many["second fit (warm)"].median()),
+              float(one["second fit (warm)"].median()),
+              f"warm fit, two client processes at once: {cores} threads each (torch's default) vs {max(1, cores // 2)} "
+              "(the auto policy: cores / SuperNodes)")
+        rounds_table = tables["rounds"]
+        for nodes_ in counts:
+            sel = rounds_table[(rounds_table["tree"] == "branch") & (rounds_table["supernodes"] == nodes_)]
+            fit_mode = sel[sel["setting"] == "insecure"]["later_rounds_mean_s"]
+            separate = sel[sel["setting"] == "insecure-separate"]["later_rounds_mean_s"]
+            if len(fit_mode) and len(separate):
+                lever(f"federated evaluation in the fit message ({nodes_} SuperNodes)", float(separate.iloc[0]),
+                      float(fit_mode.iloc[0]), "deployed round (after round 1): federated-evaluation separate vs fit")
+        phases = tables["phases"]
+        if base is not None and not phases.empty and max(counts) > (os.cpu_count() or 1) + 4:
+            big = max(counts)
+            sel = phases[(phases["phase"] == "fit") & (phases["supernodes"] == big) & (phases["setting"] == "insecure")]
+            before = sel[sel["tree"] == "base"]["until_last_pull_s"].mean()
+            after = sel[sel["tree"] == "branch"]["until_last_pull_s"].mean()
+            lever(f"sender pool sized to the cohort ({big} SuperNodes)", float(before), float(after),
+                  "fit phase: until the last SuperNode pulls its message, base (min(32, CPUs + 4) senders) vs branch")
+        copies = copies_table(branch, models[-1] if models else "mlp-stack-10m", max(1, args.cold_repeats - 1))
+        tables["copies"] = copies
+        by = copies.set_index("client")
+        lever(f"fewer copies, client side ({by['model'].iloc[0]}, seconds)", float(by.loc["numpy", "seconds"]),
+              float(by.loc["array", "seconds"]), "one fit's conversions: NumPyClient.to_client() vs ArrayClient")
+        lever(f"fewer copies, client side ({by['model'].iloc[0]}, peak memory in models)",
+              float(by.loc["numpy", "peak_growth_models"]), float(by.loc["array", "peak_growth_models"]),
+              "peak memory growth during one fit's conversions, in model sizes")
+        tables["levers"] = pd.DataFrame(lever_rows)
+
+        # ---- large models
+        model_rows = []
+        if models:
+            from benchmarks.large_model_app import large_app_dir, num_parameters
+
+            for model in models:
+                model_bytes = 4 * num_parameters(model)
+                extra = {"model": model, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200,
+                         "batch-size": 64, "local-epochs": 1, "fraction-evaluate": 0.0}
+                model_trees = [branch] + ([base] if base is not None and model == models[-1] and not args.quick else [])
+                for tree in model_trees:
+                    app = large_app_dir(tree.path, root / f"app-{tree.label}-{model}")
+                    for setting in ("simulation", "insecure"):
+                        if tree is base and setting == "simulation":
+                            continue
+                        log.info("%s %s %s (%.0f MB, load %.1f) ...", tree.label, model, setting, model_bytes / 1e6, load())
+                        try:
+                            result = run_setting(setting, rounds, 2, root / f"{tree.label}-{model}-{setting}", tree,
+                                                 project=app, extra=extra, model_bytes=model_bytes)
+                        except (RuntimeError, TimeoutError) as err:  # recorded; the other runs still count
+                            log.error("%s %s %s failed: %s", tree.label, model, setting, err)
+                            model_rows.append({"model": model, "tree": tree.label, "setting": setting, "error": str(err)[:300]})
+                            continue
+                        model_rows.append({"model": model, **result.summary})
+                        tables["models"] = pd.DataFrame(model_rows)
+        tables["models"] = pd.DataFrame(model_rows)
     finally:
+        remove_worktree(worktree)
         if args.keep:
             log.info("work directories (logs) kept in %s", root)
         else:
             shutil.rmtree(root, ignore_errors=True)
-    pd.concat(rounds).to_csv(args.out / f"deployment{args.tag}_rounds.csv", index=False)
-    summary_frame = pd.DataFrame(summary)
-    summary_frame.to_csv(args.out / f"deployment{args.tag}_summary.csv", index=False)
-    phase_frame = pd.concat([p for p in phases if not p.empty]) if any(not p.empty for p in phases) else pd.DataFrame()
-    phase_frame.to_csv(args.out / f"deployment{args.tag}_phases.csv", index=False)
-    cold = pd.concat([steps.assign(kind="step"), imports.rename(columns={"package": "step", "cumulative_s": "median_s"})
-                      .assign(kind="import")])
-    cold.to_csv(args.out / f"deployment{args.tag}_cold_client.csv", index=False)
-    pd.set_option("display.width", 200)
-    print("\nSeconds per round of the default job (metrics.csv 'seconds'):")
-    print(summary_frame.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    if not phase_frame.empty:
-        print("\nWhere a deployment round goes (mean over rounds, seconds):")
-        print(phase_frame.groupby(["setting", "phase"]).mean(numeric_only=True).drop(columns="round")
-              .to_string(float_format=lambda v: f"{v:.2f}"))
-    print("\nA cold ClientApp in a fresh process (median seconds) and its biggest imports:")
-    print(cold.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\nCSV files in {args.out}")
+
+    uptime_end = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    pd.set_option("display.max_colwidth", 60)
+    fmt = {"float_format": lambda v: f"{v:.2f}"}
+    titles = {
+        "rounds": "Seconds per round of the default job (metrics.csv 'seconds')",
+        "phases": "Where a deployment round goes (mean over rounds, seconds)",
+        "messages": "Where a SuperNode's time with one message goes (mean seconds per message)",
+        "cold": "A cold ClientApp in a fresh process (median seconds)",
+        "imports": "The biggest imports of flower_app.client_app (cumulative seconds)",
+        "levers": "Each lever's gain, measured in this run (without / with)",
+        "copies": "The client's conversions for one fit of a large model",
+        "models": "Large models, 2 SuperNodes: seconds per round and useful GB/s",
+    }
+    for name, table in tables.items():
+        if table.empty:
+            continue
+        print(f"\n{titles[name]}:")
+        if name == "phases":
+            print(table.groupby(["tree", "setting", "supernodes", "phase"]).mean(numeric_only=True).drop(columns="round")
+                  .to_string(**fmt))
+        else:
+            print(table.to_string(index=name in ("messages", "cold"), **fmt))
+    print(f"\nuptime at start: {uptime}\nuptime at end:   {uptime_end}\nCSV files in {args.out}")
     return 0
 
 

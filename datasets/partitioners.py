@@ -40,12 +40,15 @@ import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .core import Source, TensorData
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "CLASS_LABEL_PARTITIONERS",
@@ -467,6 +470,8 @@ def partition_summary(labels: np.ndarray, partitions: Sequence[np.ndarray], num_
         Columns ``partition``, ``num_examples`` and, for classification, ``label_0`` ...
         ``label_{num_classes-1}`` with the count of each class.
     """
+    import pandas as pd  # here, not at the top: the clients' import path stays free of pandas
+
     labels = np.asarray(labels)
     rows: list[dict[str, int]] = []
     for p, part in enumerate(partitions):

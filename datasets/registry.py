@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import instructions, sources, text
+from . import sources
 from .core import Source, SourceOptions
 
 __all__ = ["SOURCES", "SOURCE_KINDS", "SourceKind", "load_source"]
 
 logger = logging.getLogger(__name__)
+
+
+def _lazy_source(module: str, loader: str) -> Callable[[SourceOptions], Source]:
+    """A loader of ``datasets.<module>`` (text sources: tokenizers, transformers), imported only when called."""
+
+    def load(options: SourceOptions) -> Source:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), loader)(options)  # type: ignore[no-any-return]
+
+    load.__name__ = load.__qualname__ = loader
+    load.__doc__ = f"datasets.{module}.{loader}, imported on first use."
+    return load
+
 
 SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "breast-cancer": sources.load_breast_cancer_source,
@@ -24,9 +37,9 @@ SOURCES: dict[str, Callable[[SourceOptions], Source]] = {
     "linear": sources.load_linear_source,
     "mnist": sources.load_mnist_source,
     "synthetic": sources.load_synthetic_source,
-    "text": text.load_text_source,
-    "text-lm": text.load_text_lm_source,
-    "instructions": instructions.load_instructions_source,
+    "text": _lazy_source("text", "load_text_source"),
+    "text-lm": _lazy_source("text", "load_text_lm_source"),
+    "instructions": _lazy_source("instructions", "load_instructions_source"),
 }
 """Registry of sources by name; :func:`load_source` is the entry point."""
 

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .core import (
@@ -404,6 +403,8 @@ def _clean_csv(text: str, label_column: str) -> tuple[list[str], np.ndarray, lis
     header = [name.strip() or f"Unnamed: {i}" for i, name in enumerate(first[0])]
     if len(set(header)) != len(header) or label_column not in header:
         return None
+    import pandas as pd  # here, not at the top: a client whose data is not a CSV never imports pandas
+
     try:
         # From bytes: pandas' C parser decodes faster than it reads a Python string.
         frame = pd.read_csv(io.BytesIO(text.encode("utf-8")), index_col=False, on_bad_lines="error")

@@ -383,10 +383,15 @@ def flwr(group: Cluster, name: str, args: Sequence[str], timeout: float) -> Proc
 
 
 def run_app(
-    group: Cluster, connection: str, run_config: str, timeout: float, name: str = "flwr-run", stream: bool = True
+    group: Cluster, connection: str, run_config: str, timeout: float, name: str = "flwr-run", stream: bool = True,
+    project: Path = ROOT,
 ) -> Process:
-    """`flwr run <project> <connection> --stream -c <run_config>`; the logs are the process's lines."""
-    args = ["run", str(ROOT), connection, "-c", run_config]
+    """`flwr run <project> <connection> --stream -c <run_config>`; the logs are the process's lines.
+
+    ``project`` is the app folder `flwr run` ships (this repository by default; a benchmark may run
+    another tree of the app, e.g. a baseline commit, against the same SuperLink).
+    """
+    args = ["run", str(project), connection, "-c", run_config]
     return flwr(group, name, [*args, "--stream"] if stream else args, timeout)
 
 

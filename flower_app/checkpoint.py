@@ -80,6 +80,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
     "model-cache-dir", "answer-scoring", "gradient-checkpointing", "max-local-steps",
     "max-count-ratio", "max-update-norm-ratio",
+    # speed (issue 12): where federated evaluation happens, and the nodes' data cache
+    "federated-evaluation", "data-cache", "data-cache-dir",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

@@ -3,17 +3,38 @@
 `fit` trains (or takes the gradient, per the rule), clips and noises the update when the run
 asks for client-side DP (`client_privacy`), compresses it, and reports. Every setting comes from
 the run config through `flower_app.options`; the fit config only carries what the server decides
-each round (the round number, DP's clipping norm and noise).
+each round (the round number, DP's clipping norm and noise, whether to evaluate the received model
+first: `strategies.evaluation`).
+
+In a deployment every message starts a fresh process that imports this module: its import path is
+kept to what a fit needs (`tests/test_client_imports.py` holds it there), the node's data comes
+from its disk cache (`flower_app.data`), torch's threads follow the node's ``torch-threads``
+(`flower_app.threads`), and `ArrayClient` hands the arrays to and from Flower without extra copies.
 """
 
 from __future__ import annotations
 
+import io
 import zlib
 
 import numpy as np
 import torch
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.common import ArrayRecord, Context, RecordDict, Scalar
+from flwr.common import (
+    ArrayRecord,
+    Code,
+    Context,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    Parameters,
+    RecordDict,
+    Scalar,
+    Status,
+)
 
 from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
 from flower_app.config import AppConfig, parse_run_config
@@ -31,9 +52,12 @@ from flower_app.task import (
     train,
     weight_spec,
 )
+from flower_app.threads import apply_threads
 from strategies import get_rule
 from strategies.client_rules import fedsgd_payload, scaffold_control_update, scaffold_correction
 from strategies.compression import compress, wire_nbytes
+from strategies.evaluation import EVALUATE_BEFORE_FIT, fit_evaluation_metrics
+from strategies.serde import views
 
 CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
 RESIDUAL_KEY = "compression-residual"  # what compression has not sent yet (error feedback)
@@ -53,7 +77,14 @@ def _store(state: RecordDict, key: str, arrays: NDArrays | None) -> None:
 
 
 class FlowerClient(NumPyClient):
-    """Trains the shared model on this node's data; sends weights, an update or a gradient."""
+    """Trains the shared model on this node's data; sends weights, an update or a gradient.
+
+    ``send_views``: when True, `get_parameters` and a fit that sends weights return views of the
+    model's own tensors (no copy; valid until the model changes), for a caller that writes them out
+    at once (`ArrayClient` sets it). By default they are copies, as a `NumPyClient` caller expects.
+    """
+
+    send_views = False
 
     def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict, node: str = "this node") -> None:
         self.cfg = cfg
@@ -70,13 +101,19 @@ class FlowerClient(NumPyClient):
         self.spec = weight_spec(self.model)
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        return get_weights(self.model, self.spec)
+        return self._own(get_weights(self.model, self.spec))
+
+    def _own(self, arrays: NDArrays) -> NDArrays:
+        """``arrays`` (views of the model) as they may leave this client: copies unless ``send_views``."""
+        return arrays if self.send_views else [a.copy() for a in arrays]
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         self._check_agreement(config)
         n = len(self.spec)
         global_weights, control = parameters[:n], parameters[n:]  # SCAFFOLD: c follows the weights
         set_weights(self.model, self.spec, global_weights)
+        # The received model on the local validation split, before training changes it (no RNG is drawn).
+        evaluation = self._evaluate_loaded() if config.get(EVALUATE_BEFORE_FIT) else None
         # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly.
         seed = zlib.crc32(f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}".encode())
         torch.manual_seed(seed)  # dropout and other random layers replay too (this is the client's process)
@@ -95,11 +132,17 @@ class FlowerClient(NumPyClient):
             **label_counts(self.data.train, self.data.num_classes),
         )
         num_examples, metrics = private_fit_report(self.privacy, wire, len(self.data.train), metrics)
+        if evaluation is not None:  # what a separate evaluate message would report, as exposed as that one
+            metrics.update(fit_evaluation_metrics(*evaluation))
         return wire, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         self._check_agreement(config)
         set_weights(self.model, self.spec, parameters[: len(self.spec)])
+        return self._evaluate_loaded()
+
+    def _evaluate_loaded(self) -> tuple[float, int, dict[str, Scalar]]:
+        """The model as loaded now, on the local validation split: (loss, examples, metrics)."""
         loader = make_loader(self.data.val.x, self.data.val.y, self.cfg.batch_size, shuffle=False)
         loss, accuracy, n = evaluate(self.model, loader, self.data.info.task, self.device)
         return loss, n, ({"accuracy": accuracy} if accuracy is not None else {})
@@ -130,7 +173,7 @@ class FlowerClient(NumPyClient):
         if self.rule.scaffold:
             extras = self._scaffold_control_delta(global_weights, new_weights, control, own, result.num_steps)
         # The one conversion on the client: the update u = w_local - w_global, when the run sends updates.
-        payload = [w - g for w, g in zip(new_weights, global_weights)] if self.kind == "delta" else new_weights
+        payload = [w - g for w, g in zip(new_weights, global_weights)] if self.kind == "delta" else self._own(new_weights)
         metrics: dict[str, Scalar] = {"train_loss": result.loss, "local_steps": result.num_steps}
         if result.accuracy is not None:
             metrics["train_accuracy"] = result.accuracy
@@ -170,6 +213,7 @@ def build_client(context: Context) -> FlowerClient:
     wraps what it returns).
     """
     cfg = parse_run_config(context.run_config)
+    apply_threads(context.node_config)  # before torch builds anything: node-config torch-threads
     try:
         data = client_data(cfg, context.node_config)
     except (OSError, ValueError) as err:  # missing/unreadable file, bad CSV, bad node config
@@ -181,8 +225,59 @@ def build_client(context: Context) -> FlowerClient:
     return FlowerClient(cfg, data, context.state, node=f"node {context.node_id} ({source})")
 
 
+# ------------------------------------------------------------------------- arrays to and from Flower
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` as the bytes of an ``.npy`` file, as `flwr.common.ndarray_to_bytes` writes it, copying the data once.
+
+    (Flower's own writes into a `BytesIO` and then copies its buffer out: two copies of the data.)
+    """
+    a = np.require(array, requirements="C")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
+    return b"".join((head.getvalue(), a.reshape(-1).view(np.uint8).data if a.size else b""))
+
+
+def to_parameters(arrays: NDArrays) -> Parameters:
+    return Parameters(tensors=[npy_bytes(a) for a in arrays], tensor_type="numpy.ndarray")
+
+
+class ArrayClient(Client):
+    """The legacy `Client` face of a `FlowerClient`, without the copies of `NumPyClient.to_client()`.
+
+    Received arrays are read-only views of the message's bytes (`strategies.serde.views`; set_weights
+    copies them into the model once) instead of `np.load` copies; sent arrays are the model's own
+    tensors (`task.get_weights` views) written into the reply's bytes once (`npy_bytes`). Results are
+    checked as Flower's wrapper checks them.
+    """
+
+    def __init__(self, numpy_client: NumPyClient) -> None:
+        self.numpy_client = numpy_client
+        if isinstance(numpy_client, FlowerClient):
+            numpy_client.send_views = True  # its arrays are written into the reply before the model changes
+
+    def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
+        arrays = self.numpy_client.get_parameters(dict(ins.config))
+        return GetParametersRes(status=Status(code=Code.OK, message="Success"), parameters=to_parameters(arrays))
+
+    def fit(self, ins: FitIns) -> FitRes:
+        result = self.numpy_client.fit(views(ins.parameters.tensors), dict(ins.config))
+        if not (len(result) == 3 and isinstance(result[0], list) and isinstance(result[1], int) and isinstance(result[2], dict)):
+            raise TypeError("FlowerClient.fit must return (list of arrays, int, dict)")
+        arrays, num_examples, metrics = result
+        return FitRes(status=Status(code=Code.OK, message="Success"), parameters=to_parameters(arrays),
+                      num_examples=num_examples, metrics=metrics)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        result = self.numpy_client.evaluate(views(ins.parameters.tensors), dict(ins.config))
+        if not (len(result) == 3 and isinstance(result[0], float) and isinstance(result[1], int) and isinstance(result[2], dict)):
+            raise TypeError("FlowerClient.evaluate must return (float, int, dict)")
+        loss, num_examples, metrics = result
+        return EvaluateRes(status=Status(code=Code.OK, message="Success"), loss=loss, num_examples=num_examples,
+                           metrics=metrics)
+
+
 def client_fn(context: Context) -> Client:
-    return build_client(context).to_client()
+    return ArrayClient(build_client(context))
 
 
 app = ClientApp(client_fn=client_fn, mods=client_mods())  # SecAgg+ when the run config asks for it

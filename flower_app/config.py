@@ -150,7 +150,11 @@ class AppConfig:
     num_server_rounds: int = _opt(20, "rounds to run (in total, counting resumed rounds)", min=1, max=10**6, why=TIME)
     fraction_fit: float = _opt(1.0, "fraction of available clients sampled to train each round", gt=0.0, max=1.0)
     min_fit_clients: int = _opt(2, "minimum clients sampled to train each round", min=1, max=10**6)
-    fraction_evaluate: float = _opt(1.0, "fraction of clients sampled for federated evaluation (0 = none)", min=0.0, max=1.0)
+    fraction_evaluate: float = _opt(
+        1.0, "fraction of clients in federated evaluation (0 = none): with federated-evaluation 'fit', of each "
+        "round's training clients, and of the available clients in one evaluate round after the last; with "
+        "'separate', of the available clients each round", min=0.0, max=1.0,
+    )
     min_evaluate_clients: int = _opt(2, "minimum clients for federated evaluation", min=0, max=10**6)
     min_available_clients: int = _opt(2, "clients that must be connected before a round starts", min=1, max=10**6)
     client_wait_timeout: float = _opt(
@@ -324,6 +328,16 @@ class AppConfig:
     max_update_norm_ratio: float = _opt(
         100.0, "an update whose L2 norm exceeds this multiple of the round's lower-median update norm is rejected "
         "(inf = no bound)", min=1.0, allow_inf=True,
+    )
+    # --- speed (issue 12; README "Where a deployment round's time goes") ---
+    federated_evaluation: str = _opt(
+        "fit", "federated evaluation: fit (each training client first evaluates the model it received, in the same "
+        "message), separate (an evaluate message per client and round), none",
+        choices=("fit", "separate", "none"),
+    )
+    data_cache: bool = _opt(True, "clients keep their prepared data on their own disk and map it in later messages")
+    data_cache_dir: str = _opt(
+        "", "folder of the clients' prepared data (node-config data-cache-dir overrides; '' = ~/.cache/flower_app/prepared)"
     )
 
     def __post_init__(self) -> None:

@@ -1,12 +1,22 @@
-"""From the run config to tensors: which data a client trains on and the server evaluates on."""
+"""From the run config to tensors: which data a client trains on and the server evaluates on.
+
+A client's data (`client_data`) is prepared once per node and kept on the node's disk
+(`datasets.prepared`, run-config ``data-cache``): a deployment starts a fresh ClientApp process for
+every message, and with the cache each one maps the prepared arrays instead of reading, checking
+and partitioning the source again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,15 +25,19 @@ import torch
 from datasets import (
     SOURCE_KINDS,
     Source,
+    SourceOptions,
     TensorData,
     check_class_names,
     load_partition,
     load_source_cached,
     parse_class_names,
 )
+from datasets.prepared import DiskCache, cache_key, code_fingerprint, path_fingerprint
 from flower_app.config import AppConfig, ConfigError, Scalar, parse_input_shape
 from flower_app.options import partition_options, source_options
 from flower_app.task import ModelInfo
+
+log = logging.getLogger(__name__)
 
 LOCAL_FILE_SOURCES = ("csv", "image-folder", "text", "text-lm", "instructions")
 
@@ -54,7 +68,8 @@ def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData
 
     A node either names its own file (`--node-config "data-path=..."`, a CSV or image folder read
     with the run's `dataset` kind) or a partition of the shared source (`partition-id` and
-    `num-partitions`, which Flower's simulation sets for every SuperNode).
+    `num-partitions`, which Flower's simulation sets for every SuperNode). With ``data-cache`` the
+    result comes from the node's cache when everything that decides it is unchanged.
     """
     if "data-path" in node_config:
         path = str(node_config["data-path"])
@@ -64,17 +79,145 @@ def client_data(cfg: AppConfig, node_config: Mapping[str, object]) -> ClientData
             )
         if not os.path.exists(path):
             raise FileNotFoundError(f"node data file '{path}' (node-config data-path) does not exist")
-        source = load_source_cached(cfg.dataset, source_options(cfg, path=path))
-        return ClientData(source.train, source.test, model_info(source), -1, source.num_classes, source.class_names)
+        return _cached(cfg, node_config, {"data-path": path}, lambda: _own_file_data(cfg, path))
     if "partition-id" not in node_config:
         raise ConfigError("node-config must set either data-path, or partition-id and num-partitions")
     partition_id = int(node_config["partition-id"])  # type: ignore[call-overload]
     num_partitions = cfg.num_partitions or int(node_config.get("num-partitions", 0))  # type: ignore[call-overload]
     if num_partitions < 1:
         raise ConfigError("set num-partitions in the node-config or the run config")
-    source = load_source_cached(cfg.dataset, source_options(cfg, num_partitions=num_partitions))
+    where = {"partition-id": partition_id, "num-partitions": num_partitions}
+    return _cached(cfg, node_config, where, lambda: _partition_data(cfg, partition_id, num_partitions))
+
+
+def _own_file_data(cfg: AppConfig, path: str) -> ClientData:
+    source = _source(cfg, source_options(cfg, path=path))
+    return ClientData(source.train, source.test, model_info(source), -1, source.num_classes, source.class_names)
+
+
+def _partition_data(cfg: AppConfig, partition_id: int, num_partitions: int) -> ClientData:
+    source = _source(cfg, source_options(cfg, num_partitions=num_partitions))
     train, val = load_partition(source, cfg.partitioner, partition_options(cfg, num_partitions), partition_id)
     return ClientData(train, val, model_info(source), partition_id, source.num_classes, source.class_names)
+
+
+_seen_files: dict[tuple[str, SourceOptions], Any] = {}
+
+
+def _source(cfg: AppConfig, options: SourceOptions) -> Source:
+    """The source, from this process's memo unless its files changed since it was read (then read again)."""
+    files = _files_fingerprint(cfg, options)
+    if _seen_files.get((cfg.dataset, options), files) != files:
+        load_source_cached.cache_clear()
+    _seen_files[(cfg.dataset, options)] = files
+    return load_source_cached(cfg.dataset, options)
+
+
+def _files_fingerprint(cfg: AppConfig, options: SourceOptions) -> dict[str, Any]:
+    """Sizes and modification times of the files a source reads (its data file or folder, tokenizer, data root)."""
+    files: dict[str, Any] = {}
+    for name in sorted({options.path, options.tokenizer}):
+        if name and (os.path.exists(name) or glob.has_magic(name)):
+            files[name] = path_fingerprint(name)
+    if cfg.dataset in ("mnist", "fashion-mnist", "cifar10"):
+        files["root"] = path_fingerprint(options.root)
+    return files
+
+
+# --------------------------------------------------------------------------- the node's data cache
+DATA_CACHE_NODE_KEY = "data-cache-dir"  # node-config: this node's cache folder (overrides the run config's)
+_CODE_FILES = (*sorted(glob.glob(str(Path(__file__).resolve().parents[1] / "datasets" / "*.py"))), __file__)
+_code_fingerprint: str | None = None
+_loaded: dict[str, ClientData] = {}  # this process's recent entries (simulation: an actor serves many rounds)
+_MAX_LOADED = 8
+
+
+def default_data_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "flower_app", "prepared")
+
+
+def data_cache_dir(cfg: AppConfig, node_config: Mapping[str, object]) -> str:
+    """Node config ``data-cache-dir``, else run config ``data-cache-dir``, else ``~/.cache/flower_app/prepared``."""
+    value = node_config.get(DATA_CACHE_NODE_KEY, cfg.data_cache_dir)
+    if not isinstance(value, str):
+        raise ConfigError(f"node-config key '{DATA_CACHE_NODE_KEY}' must be a folder path (a string), got {value!r}")
+    return os.path.expanduser(value) if value else default_data_cache_dir()
+
+
+def client_data_key(cfg: AppConfig, where: Mapping[str, Any]) -> str:
+    """The cache key of a client's data: every setting and file that decides it, and the code that prepares it."""
+    global _code_fingerprint
+    if _code_fingerprint is None:
+        _code_fingerprint = code_fingerprint(_CODE_FILES)
+    path = str(where.get("data-path", ""))
+    num_partitions = int(where.get("num-partitions", 0))
+    options = source_options(cfg, path=path or None, num_partitions=num_partitions or None)
+    files = _files_fingerprint(cfg, options)
+    parts = {
+        "what": "client-data", "code": _code_fingerprint, "dataset": cfg.dataset, "where": dict(where),
+        "source": dataclasses.asdict(options), "files": files, "partitioner": cfg.partitioner,
+        "partition": dataclasses.asdict(partition_options(cfg, num_partitions)) if num_partitions else None,
+        "torch": torch.__version__.split("+")[0], "numpy": np.__version__,
+    }
+    return cache_key(parts)
+
+
+def _cached(cfg: AppConfig, node_config: Mapping[str, object], where: Mapping[str, Any], build: Any) -> ClientData:
+    """``build()``'s result, from the node's cache when it holds this key; stored there after a miss."""
+    if not cfg.data_cache:
+        return build()  # type: ignore[no-any-return]
+    key = client_data_key(cfg, where)
+    if key in _loaded:
+        return _loaded[key]
+    cache = DiskCache(data_cache_dir(cfg, node_config))
+    entry = cache.load(key)
+    if entry is not None:
+        try:
+            data = _from_entry(entry.arrays, entry.meta)
+        except (KeyError, TypeError, ValueError) as err:  # a file of an older layout under a colliding key
+            log.warning("data cache: entry %s does not hold client data (%s); preparing it again", key[:12], err)
+        else:
+            return _remember(key, data)
+    data = build()
+    arrays, meta = _to_entry(data)
+    cache.store(key, arrays, meta)
+    return _remember(key, data)
+
+
+def _remember(key: str, data: ClientData) -> ClientData:
+    while len(_loaded) >= _MAX_LOADED:
+        del _loaded[next(iter(_loaded))]
+    _loaded[key] = data
+    return data
+
+
+def _to_entry(data: ClientData) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    arrays = {
+        "train_x": data.train.x.numpy(), "train_y": data.train.y.numpy(),
+        "val_x": data.val.x.numpy(), "val_y": data.val.y.numpy(),
+    }
+    info = data.info
+    meta = {
+        "task": info.task, "input_shape": list(info.input_shape), "num_outputs": info.num_outputs,
+        "input_kind": info.input_kind, "partition_id": data.partition_id, "num_classes": data.num_classes,
+        "class_names": None if data.class_names is None else list(data.class_names),
+    }
+    return arrays, meta
+
+
+def _from_entry(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> ClientData:
+    info = ModelInfo(
+        task=str(meta["task"]), input_shape=tuple(int(d) for d in meta["input_shape"]),
+        num_outputs=int(meta["num_outputs"]), input_kind=str(meta["input_kind"]),
+    )
+    num_classes = meta["num_classes"]
+    train = TensorData(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]))
+    val = TensorData(torch.from_numpy(arrays["val_x"]), torch.from_numpy(arrays["val_y"]))
+    names = meta.get("class_names")
+    return ClientData(
+        train, val, info, int(meta["partition_id"]), None if num_classes is None else int(num_classes),
+        None if names is None else tuple(str(n) for n in names),
+    )
 
 
 def label_counts(data: TensorData, num_classes: int | None) -> dict[str, int]:

@@ -171,6 +171,8 @@ class InProcessGrid(Grid):
                 reply = self._deliver(message)
                 self._next_id += 1
                 ids.append(str(self._next_id))
+                # As from a SuperLink: the reply names the pushed message's id (what Flower's grids match on).
+                reply.metadata.__dict__["_reply_to_message_id"] = ids[-1]
                 self._replies[ids[-1]] = reply
         return ids
 

@@ -114,6 +114,8 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         # hardening (issue 10)
         max_count_ratio=cfg.max_count_ratio,
         max_update_norm_ratio=cfg.max_update_norm_ratio,
+        federated_evaluation=cfg.federated_evaluation,
+        num_rounds=cfg.num_server_rounds,
     )
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from flwr.common import Context, Scalar
 from flwr.common.logger import log
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat import LegacyContext, start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -24,6 +25,7 @@ from flower_app.hf_models import is_finetune_model, save_pretrained
 from flower_app.instruct import instruction_evaluator
 from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
 from flower_app.outputs import RunRecorder
+from flower_app.reply_poll import PollingGrid
 from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
@@ -92,8 +94,9 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
 
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
     recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
+    initial = [w.copy() for w in get_weights(model, spec)]  # the strategy's own arrays, not views of the model
     strategy = make_strategy(
-        cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round,
+        cfg, initial, spec.trainable, evaluate_fn, [recorder], recorder.start_round,
         round_config=agreement_config(info, agreed),  # every node checks its data against these
     )
     recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
@@ -118,12 +121,46 @@ def central_evaluation(cfg: AppConfig, source: Source, model: nn.Module, spec: W
     return evaluate_fn
 
 
+class CohortClientManager(SimpleClientManager):
+    """Flower's client manager, which also sizes the server's sender pool to the clients a round samples from.
+
+    The legacy `Server` sends a round's messages from a thread pool of `max_workers` threads (Flower's
+    default ``min(32, CPUs + 4)``: 6 on a 2-core server), one blocking request per client, so a larger
+    cohort goes out in waves and each wave waits for the previous one's replies. Every time the
+    strategy lists the connected clients to sample a round's cohort (`all`), this calls
+    ``server.set_max_workers(n)`` with their number, an upper bound of the cohort; the pool starts
+    threads only for the messages it has, so each round's whole cohort is sent at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: Server | None = None
+
+    def all(self) -> dict[str, ClientProxy]:
+        clients = super().all()
+        if self.server is not None:
+            self.server.set_max_workers(max(1, len(clients)))
+        return clients
+
+
+def cohort_server(strategy: FederatedStrategy) -> Server:
+    """A legacy `Server` around ``strategy`` whose sender pool follows the cohort (`CohortClientManager`)."""
+    manager = CohortClientManager()
+    server = Server(client_manager=manager, strategy=strategy)
+    manager.server = server
+    return server
+
+
 def server_fn(context: Context) -> ServerAppComponents:
     cfg = parse_run_config(context.run_config)
     strategy, rounds = build_strategy(cfg, context.run_id)
     log(INFO, "strategy %s (aggregator %s), %d rounds, dataset %s", cfg.strategy, cfg.aggregator, rounds, cfg.dataset)
     timeout = cfg.round_timeout if cfg.round_timeout > 0 else None
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds, round_timeout=timeout))
+    server = cohort_server(strategy)
+    return ServerAppComponents(
+        server=server, strategy=strategy, client_manager=server.client_manager(),
+        config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
+    )
 
 
 app = ServerApp()
@@ -153,13 +190,14 @@ def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], Serv
     strategy with `SecAggPlusWorkflow` as its fit step.
     """
     cfg = parse_run_config(context.run_config)
+    grid = PollingGrid(grid)  # replies collected every 0.25 s, not every 3 s (flower_app.reply_poll)
     components = server_fn(context)
     if not cfg.secure_aggregation:
         start_grid(
             grid=grid,
             server=components.server,
             config=components.config,
-            strategy=components.strategy,
+            strategy=components.strategy if components.server is None else None,  # the server holds its strategy
             client_manager=components.client_manager,
         )
         return

@@ -62,7 +62,7 @@ def privacy_hooks(options: PrivacyOptions, strategy: StrategyOptions, num_rounds
     """The strategy's privacy hook, or none when the run has neither secure aggregation nor DP."""
     if not options.enabled:
         return []
-    if options.dp_mode != "none" and strategy.fraction_evaluate > 0:
+    if options.dp_mode != "none" and strategy.fraction_evaluate > 0 and strategy.federated_evaluation != "none":
         log(
             WARNING,
             "privacy: federated evaluation sends each client's loss and accuracy on its own data in the clear; "

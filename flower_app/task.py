@@ -18,7 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flower_app.sgd import SGD
 from strategies.client_rules import proximal_term
+from strategies.tensors import tensor_view
 
 if TYPE_CHECKING:
     from flower_app.hf_models import FineTuneOptions
@@ -206,13 +208,29 @@ def weight_spec(model: nn.Module) -> WeightSpec:
 
 
 def get_weights(model: nn.Module, spec: WeightSpec) -> NDArrays:
-    """The spec's tensors as float32 numpy arrays (copies, safe to send)."""
+    """The spec's tensors as float32 numpy arrays.
+
+    A CPU float32 contiguous tensor comes back as a view of its memory (no copy: a 100M-parameter
+    model is not duplicated to be sent); other tensors (GPU, other dtypes) as converted copies. The
+    arrays follow the model: copy them before changing the model if the old values are needed.
+    """
     state = model.state_dict()
-    return [state[k].detach().to("cpu", torch.float32).numpy().copy() for k in spec.keys]
+    out: NDArrays = []
+    for key in spec.keys:
+        tensor = state[key].detach()
+        if tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous():
+            out.append(tensor.numpy())
+        else:
+            out.append(tensor.to("cpu", torch.float32).contiguous().numpy())
+    return out
 
 
 def set_weights(model: nn.Module, spec: WeightSpec, arrays: Sequence[np.ndarray]) -> None:
-    """Load arrays in spec order into the model, checking count and shapes."""
+    """Load arrays in spec order into the model, checking count and shapes.
+
+    Each array is copied straight into its tensor (read-only arrays, e.g. views of a received
+    message, are read through a torch view, not copied first).
+    """
     if len(arrays) != len(spec):
         raise ValueError(f"expected {len(spec)} arrays, got {len(arrays)}")
     state = model.state_dict()
@@ -220,8 +238,7 @@ def set_weights(model: nn.Module, spec: WeightSpec, arrays: Sequence[np.ndarray]
         for key, shape, array in zip(spec.keys, spec.shapes, arrays):
             if tuple(array.shape) != shape:
                 raise ValueError(f"array for '{key}' has shape {tuple(array.shape)}, expected {shape}")
-            target = state[key]
-            target.copy_(torch.as_tensor(np.asarray(array)).to(target.dtype))
+            state[key].copy_(tensor_view(np.asarray(array), key))
 
 
 # ------------------------------------------------------------------------------- training
@@ -283,6 +300,13 @@ def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def make_optimizer(params: list[nn.Parameter], options: TrainOptions) -> torch.optim.Optimizer | SGD:
+    """AdamW from `torch.optim`; plain SGD from `flower_app.sgd` (same result, no `torch._dynamo` import)."""
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+    return SGD(params, lr=options.learning_rate, momentum=options.momentum, weight_decay=options.weight_decay)
+
+
 def train(
     model: nn.Module,
     loader: DataLoader,
@@ -303,10 +327,7 @@ def train(
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if options.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=options.learning_rate, momentum=options.momentum, weight_decay=options.weight_decay)
+    optimizer = make_optimizer(params, options)
     start = [p.detach().clone() for p in params] if options.proximal_mu > 0 else None
     criterion = loss_fn(task)
     corrections = [c.to(device) for c in control_correction] if control_correction is not None else None

@@ -58,6 +58,7 @@ from flwr.server.strategy import Strategy
 from strategies import get_rule
 from strategies.aggregators import AGGREGATOR_SPECS, AggregatorParams, fednova_combine, get_aggregator
 from strategies.compression import CompressionConfig, decompress
+from strategies.evaluation import EVALUATE_BEFORE_FIT, split_fit_evaluation
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, ServerOptState, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
@@ -107,6 +108,9 @@ class StrategyOptions:
     # Hardening (issue 10): bounds on what one client can claim or send, relative to the round's lower median.
     max_count_ratio: float = 1000.0  # num_examples capped at this x the lower median; FedNova local_steps beyond: rejected
     max_update_norm_ratio: float = 100.0  # an update (or SCAFFOLD control delta) with a larger norm ratio: rejected
+    # --- speed (issue 12): federated evaluation in the fit message (strategies.evaluation) ---
+    federated_evaluation: str = "separate"  # "fit" | "separate" | "none"
+    num_rounds: int = 0  # rounds of the run, resumed ones included ("fit": one evaluate round after the last; 0 = none)
 
 
 def _central_extras(metrics: Mapping[str, Scalar]) -> dict[str, float]:
@@ -302,7 +306,9 @@ class FederatedStrategy(Strategy):
         self._record.bytes_sent += _nbytes(parameters) * len(clients)
         self._record.extra["bytes_sent_per_client"] = _nbytes(parameters)  # the model each sampled client gets
         log(INFO, "round %d: training on %d of %d clients", rnd, len(clients), self._num_available)
-        return [(c, FitIns(parameters, dict(config))) for c in clients]
+        evaluators = self._fit_evaluators(rnd, clients)  # they evaluate the model they receive before training
+        return [(c, FitIns(parameters, {**config, EVALUATE_BEFORE_FIT: True} if c.cid in evaluators else dict(config)))
+                for c in clients]
 
     def aggregate_fit(
         self,
@@ -315,6 +321,7 @@ class FederatedStrategy(Strategy):
             failures = _distinct_failures(failures)
         for hook in self.hooks:
             results, failures = hook.preprocess(results, failures)
+        self._fit_time_evaluation(record, results)
         parameters, metrics = self._aggregate(record, results, failures)
         for hook in self.hooks:
             hook.after_fit(record)
@@ -341,7 +348,7 @@ class FederatedStrategy(Strategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         record = self._ensure_record(server_round)
         clients: list[ClientProxy] = []
-        if self.options.fraction_evaluate > 0 and record.round != self._skipped_round:
+        if self.options.fraction_evaluate > 0 and self._evaluate_round(record.round) and record.round != self._skipped_round:
             clients = self._sample(
                 client_manager, record.round, "evaluate", self.options.fraction_evaluate, self.options.min_evaluate_clients
             )
@@ -364,42 +371,100 @@ class FederatedStrategy(Strategy):
             log(WARNING, "round %d: evaluation failure: %s", record.round, _describe_failure(failure))
         replies: list[tuple[str, int, dict[str, int | float]]] = []
         for proxy, res in results:
-            try:
-                reason, reply = self._check_evaluation(record, proxy.cid, res)
-            except Exception as err:  # noqa: BLE001 - one client's reply can never stop the round
-                reason, reply = _describe_error(err), None
-            if reply is None:
-                log(WARNING, "round %d: ignored the evaluation of client %s: %s", record.round, proxy.cid, reason)
-                continue
-            replies.append(reply)
+            reply = self._evaluation_reply(record, proxy.cid, res.num_examples, res.loss, res.metrics, "evaluation")
+            if reply is not None:
+                replies.append(reply)
+        metrics = self._combine_evaluations(record, replies)
+        loss = metrics.pop("loss", None)
+        if self.options.federated_evaluation == "fit":  # the one evaluate round after the last: the final model
+            record.extra["final_federated_loss"] = loss if loss is not None else math.nan
+            record.extra["final_federated_accuracy"] = metrics.pop("accuracy", math.nan)
+            record.extra.update({f"final_eval_{k}": v for k, v in metrics.items()})
+        else:
+            record.federated_loss = loss if loss is not None else math.nan
+            record.federated_accuracy = metrics.pop("accuracy", math.nan)
+            record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        self._finish_round()
+        return loss, dict[str, Scalar](metrics)
+
+    def _evaluation_reply(
+        self, record: RoundRecord, cid: str, num_examples: object, loss: object, metrics: object, what: str
+    ) -> tuple[str, int, dict[str, int | float]] | None:
+        """(cid, num_examples, metrics with the loss) of one client's evaluation, or None (logged) when unusable.
+
+        The same checks for an evaluate reply and for a fit-time evaluation (`strategies.evaluation`).
+        """
+        try:
+            reason = check_count(num_examples)
+            if reason is None and not (is_real(loss) and math.isfinite(loss) and loss >= 0):  # type: ignore[arg-type, operator]
+                reason = f"loss must be a finite number >= 0, got {loss!r}"
+            if reason is None:
+                cleaned, problems = clean_metrics(metrics, reserved=EVALUATION_RESERVED)  # type: ignore[arg-type]
+                if problems:
+                    log(WARNING, "round %d: client %s: %s metrics ignored: %s", record.round, cid, what, "; ".join(problems))
+                return cid, int(num_examples), {"loss": float(loss), **cleaned}  # type: ignore[call-overload, arg-type]
+        except Exception as err:  # noqa: BLE001 - one client's reply can never stop the round
+            reason = _describe_error(err)
+        log(WARNING, "round %d: ignored the %s of client %s: %s", record.round, what, cid, reason)
+        return None
+
+    def _combine_evaluations(
+        self, record: RoundRecord, replies: list[tuple[str, int, dict[str, int | float]]]
+    ) -> dict[str, float]:
+        """The example-weighted figures of valid evaluations, each count capped at max-count-ratio x the lower median."""
         counts, capped = cap_counts([n for _, n, _ in replies], self.options.max_count_ratio)
         for i in capped:
             log(WARNING, "round %d: client %s evaluated on %d examples, more than max-count-ratio %g x the round's "
                 "lower median; its weight in the federated figures is capped at %d",
                 record.round, replies[i][0], replies[i][1], self.options.max_count_ratio, counts[i])
-        metrics = aggregate_metrics([(n, m) for n, (_, _, m) in zip(counts, replies)]) if replies else {}
-        loss = metrics.pop("loss", None)
-        record.federated_loss = loss if loss is not None else math.nan
-        record.federated_accuracy = metrics.pop("accuracy", math.nan)
-        record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
-        self._finish_round()
-        return loss, dict[str, Scalar](metrics)
-
-    def _check_evaluation(
-        self, record: RoundRecord, cid: str, res: EvaluateRes
-    ) -> tuple[str, tuple[str, int, dict[str, int | float]] | None]:
-        """(why the reply is unusable, None) or ("", (cid, num_examples, metrics with the loss))."""
-        reason = check_count(res.num_examples)
-        if reason is not None:
-            return reason, None
-        if not (is_real(res.loss) and math.isfinite(res.loss) and res.loss >= 0):
-            return f"loss must be a finite number >= 0, got {res.loss!r}", None
-        metrics, problems = clean_metrics(res.metrics, reserved=EVALUATION_RESERVED)
-        if problems:
-            log(WARNING, "round %d: client %s: evaluation metrics ignored: %s", record.round, cid, "; ".join(problems))
-        return "", (cid, int(res.num_examples), {"loss": float(res.loss), **metrics})
+        return aggregate_metrics([(n, m) for n, (_, _, m) in zip(counts, replies)]) if replies else {}
 
     # -------------------------------------------------------------------------- internals
+    def _evaluate_round(self, rnd: int) -> bool:
+        """Whether round ``rnd`` has an evaluate round: every round ("separate"), after the last ("fit")."""
+        mode = self.options.federated_evaluation
+        return mode == "separate" or (mode == "fit" and 0 < self.options.num_rounds <= rnd)
+
+    def _fit_evaluators(self, rnd: int, clients: Sequence[ClientProxy]) -> set[str]:
+        """Mode "fit": the training clients asked to evaluate first, a seeded ``fraction-evaluate`` of them
+        (at least ``min-evaluate-clients``); none when ``fraction-evaluate`` is 0."""
+        if self.options.federated_evaluation != "fit" or self.options.fraction_evaluate <= 0 or not clients:
+            return set()
+        cids = sorted(c.cid for c in clients)
+        count = min(len(cids), max(int(self.options.fraction_evaluate * len(cids)), self.options.min_evaluate_clients))
+        return set(random.Random(zlib.crc32(f"{self.options.seed}:{rnd}:fit-evaluate".encode())).sample(cids, count))
+
+    def _fit_time_evaluation(self, record: RoundRecord, results: FitResults) -> None:
+        """Take each reply's evaluation of the model it received out of its fit metrics (`strategies.evaluation`).
+
+        In mode "fit" the valid ones (checked like evaluate replies) are combined like evaluate replies into the
+        round's federated columns: the model at the start of this round (``federated_model_round``).
+        """
+        replies: list[tuple[str, int, dict[str, int | float]]] = []
+        for proxy, res in results:
+            try:
+                evaluation, rest = split_fit_evaluation(res.metrics)
+            except Exception as err:  # noqa: BLE001 - left to the fit reply's own checks
+                log(WARNING, "round %d: fit-time evaluation of client %s left out: %s", record.round, proxy.cid,
+                    _describe_error(err))
+                continue
+            if not evaluation:
+                continue
+            res.metrics = rest
+            count, loss = evaluation.pop("num_examples", None), evaluation.pop("loss", None)
+            reply = self._evaluation_reply(record, proxy.cid, count, loss, evaluation, "fit-time evaluation")
+            if reply is not None:
+                replies.append(reply)
+        if self.options.federated_evaluation != "fit" or self.options.fraction_evaluate <= 0:
+            return
+        metrics = self._combine_evaluations(record, replies)
+        record.federated_loss = metrics.pop("loss", math.nan)
+        record.federated_accuracy = metrics.pop("accuracy", math.nan)
+        record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        record.extra["federated_model_round"] = record.round - 1
+        if self.selection_metric == "federated_loss":  # it measured the weights before this round's step: still these
+            self.best = update_best(self.best, record.round - 1, self.selection_metric, record.federated_loss, self.weights)
+
     def _aggregate(
         self, record: RoundRecord, results: FitResults, failures: FitFailures
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
@@ -480,8 +545,13 @@ class FederatedStrategy(Strategy):
         self._notify(record)
 
     def _notify(self, record: RoundRecord) -> None:
-        # The weights now are the ones this record evaluated (central and federated evaluation come after the step).
-        value = getattr(record, self.selection_metric)
+        # The weights now are the ones this record evaluated (central and federated evaluation come after the step),
+        # except a fit-time federated evaluation, which measured the round's starting weights (`_fit_time_evaluation`
+        # took them); then only the evaluate round after the last one measures the weights now.
+        if self.selection_metric == "federated_loss" and self.options.federated_evaluation == "fit":
+            value = float(record.extra.get("final_federated_loss", math.nan))
+        else:
+            value = getattr(record, self.selection_metric)
         self.best = update_best(self.best, record.round, self.selection_metric, value, self.weights)
         for hook in self.hooks:
             hook.end_round(record)
