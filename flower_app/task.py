@@ -240,6 +240,7 @@ class TrainOptions:
     grad_accumulation_steps: int = 1
     proximal_mu: float = 0.0  # FedProx: adds (mu/2) ||w - w_global||^2 over trainable parameters
     optimizer: str = "sgd"  # "sgd" | "adamw" (moments start from zero every round; transformers train faster)
+    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs); an epoch of a large set is too long
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,9 @@ def train(
 ) -> TrainResult:
     """Local SGD.
 
+    ``options.epochs`` passes over ``loader``, or ``options.max_steps`` optimizer steps if that comes first
+    (``TrainResult.num_steps`` is the count taken, which FedNova and SCAFFOLD use).
+
     With ``options.proximal_mu > 0`` the loss gains FedProx's (mu/2)||w - w_start||^2 (Li et al. 2020;
     `strategies.client_rules.proximal_term`).
     ``control_correction`` (SCAFFOLD, Karimireddy et al. 2020) is ``c - c_i`` per trainable
@@ -283,6 +287,8 @@ def train(
     accum = options.grad_accumulation_steps
     optimizer.zero_grad(set_to_none=True)
     for _ in range(options.epochs):
+        if options.max_steps and steps >= options.max_steps:
+            break
         for i, (x, y) in enumerate(loader):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device):
@@ -305,6 +311,8 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
+                if options.max_steps and steps >= options.max_steps:
+                    break
     num_examples = len(loader.dataset)  # type: ignore[arg-type]
     return TrainResult(
         loss=total_loss / max(seen, 1),
@@ -314,19 +322,27 @@ def train(
     )
 
 
-def full_gradient(model: nn.Module, loader: DataLoader, task: str, device: torch.device) -> tuple[list[torch.Tensor], float]:
+def full_gradient(
+    model: nn.Module, loader: DataLoader, task: str, device: torch.device, max_batches: int = 0
+) -> tuple[list[torch.Tensor], float]:
     """Gradient of the mean loss over all of ``loader`` at the current weights (FedSGD's client step).
 
-    Batches are weighted by their size so the result equals the full-batch gradient.
-    Returns the per-trainable-parameter gradients (CPU, float32) and the mean loss.
+    Batches are weighted by their size so the result equals the full-batch gradient; with
+    ``max_batches > 0`` it is the gradient of the mean loss over the first ``max_batches`` batches
+    (a shuffled loader makes that an unbiased estimate). Returns the per-trainable-parameter gradients
+    (CPU, float32) and the mean loss.
     """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     criterion = loss_fn(task)
     n = len(loader.dataset)  # type: ignore[arg-type]
+    if max_batches and max_batches < len(loader):
+        n = max_batches * int(loader.batch_size or 1)  # only a loader's last batch can be short
     model.zero_grad(set_to_none=True)
     total = 0.0
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
         x, y = x.to(device), y.to(device)
         loss = criterion(model(x).float(), y)
         (loss * (len(y) / n)).backward()
