@@ -63,6 +63,14 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
         "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save",
     ),
+    # FedBuff's checkpoint holds the clients in flight and the model versions they started from; a sync run's
+    # holds none. The simulated devices are the data the simulated clock is made of.
+    "what the scheduler's state in the checkpoint is": ("mode",),
+    "the simulated devices (their clock in the checkpoint)": (
+        "device-profiles", "device-speed", "device-speed-spread", "device-upload-bandwidth",
+        "device-download-bandwidth", "device-dropout", "device-availability", "device-availability-period",
+        "device-trace",
+    ),
 }
 # Training and operational settings: a resume may change them (e.g. more rounds, a lower learning
 # rate, another device); the change is logged and recorded.
@@ -74,6 +82,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "local-epochs", "batch-size", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps",
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
+    "max-local-steps", "round-deadline", "over-selection", "async-concurrency", "async-buffer-size",
+    "staleness-weighting", "staleness-exponent", "staleness-cutoff", "max-staleness", "device-work-budget",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 
