@@ -295,7 +295,7 @@ def test_fedbuff_runs_every_rule_and_aggregator(tmp_path: Path, rule: str, aggre
         extra["local-epochs"] = AppConfig().local_epochs  # a gradient rule reads no local-training key
     rc = config(tmp_path / "a", 4, **{"mode": "async", "device-profiles": "mild", "async-concurrency": 4,
                                       "async-buffer-size": 3, "num-server-rounds": 3, **extra})
-    strategy, seen = run(rc)
+    strategy, _seen = run(rc)
     frame = metrics(tmp_path / "a")
     trained = frame[frame["round"] > 0]
     assert list(trained["results"]) == [3, 3, 3] and trained["updated"].all(), frame
