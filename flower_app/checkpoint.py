@@ -9,8 +9,9 @@ A checkpoint (``checkpoint.pt``, `torch.save` of plain containers and tensors, l
     keys      the model's parameter names, shapes: their shapes (must match this run's model)
     strategy  the strategy's state_dict: round, weights (finite float32 arrays, the model's shapes),
               optimizer {step, m, v} (moments finite, v >= 0), scaffold (None or {control}),
-              privacy (DP runs: dp_mode, clipping_norm, accountant) and any further entries,
-              in which every number must be finite
+              privacy (DP runs: dp_mode, clipping_norm, accountant), scheduler (runs with the scheduler:
+              the simulated clock, the dispatch counter, FedBuff's work in flight and the model versions
+              it started from) and any further entries, in which every number must be finite
     checksum  CRC-32 over all of the above, so a flipped bit is caught (torch.load does not notice one)
 
 `load_checkpoint` refuses anything else with a `CheckpointError` that names the field.
