@@ -245,6 +245,7 @@ class Cluster:
         self.workdir = workdir
         self.env = dict(env)
         self.procs: dict[str, Process] = {}
+        self._members: dict[str, set[int]] = {}  # per process: the PIDs seen in its process group
         (workdir / "logs").mkdir(parents=True, exist_ok=True)
         self._reaper = _set_child_subreaper(True)
 
@@ -283,13 +284,16 @@ class Cluster:
     def signal(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the process group of `name` (the process and everything it started)."""
         proc = self.procs[name]
-        descendants = _descendants(proc.pid)
+        # Everything seen in the group so far: children that die of a SIGTERM are re-parented here (the
+        # subreaper) and must be reaped after the SIGKILL, though the process that started them is gone.
+        members = self._members.setdefault(name, set())
+        members.update(_descendants(proc.pid), _group_members(proc.pid))
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
         if sig == signal.SIGKILL:
-            _reap(descendants)
+            _reap(sorted(members - {proc.pid}))
 
     def stop(self, name: str, grace: float = 5.0) -> int | None:
         """SIGTERM the group, then SIGKILL what is left after `grace` seconds."""
@@ -340,6 +344,18 @@ def _descendants(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (Ray's raylet and workers stay in the group of `ray start`)."""
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
 
 
 def _reap(pids: Sequence[int], timeout: float = 5.0) -> None:

@@ -10,8 +10,9 @@ A checkpoint (``checkpoint.pt``, `torch.save` of plain containers and tensors, l
     strategy  the strategy's state_dict: round, weights (finite float32 arrays, the model's shapes),
               optimizer {step, m, v} (moments finite, v >= 0), scaffold (None or {control}),
               best (None or {round <= round, metric, value >= 0 finite, weights: None for this round's}),
-              privacy (DP runs: dp_mode, clipping_norm, accountant) and any further entries,
-              in which every number must be finite
+              privacy (DP runs: dp_mode, clipping_norm, accountant), scheduler (runs with the scheduler:
+              the simulated clock, the dispatch counter, FedBuff's work in flight and the model versions
+              it started from) and any further entries, in which every number must be finite
     checksum  CRC-32 over all of the above, so a flipped bit is caught (torch.load does not notice one)
 
 `load_checkpoint` refuses anything else with a `CheckpointError` that names the field.
@@ -67,6 +68,14 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
         "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save", "input-shape", "num-outputs",
     ),
+    # FedBuff's checkpoint holds the clients in flight and the model versions they started from; a sync run's
+    # holds none. The simulated devices are the data the simulated clock is made of.
+    "what the scheduler's state in the checkpoint is": ("mode",),
+    "the simulated devices (their clock in the checkpoint)": (
+        "device-profiles", "device-speed", "device-speed-spread", "device-upload-bandwidth",
+        "device-download-bandwidth", "device-dropout", "device-availability", "device-availability-period",
+        "device-trace",
+    ),
 }
 # Training and operational settings: a resume may change them (e.g. more rounds, a lower learning
 # rate, another device); the change is logged and recorded.
@@ -82,6 +91,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "max-count-ratio", "max-update-norm-ratio",
     # speed (issue 12): where federated evaluation happens, and the nodes' data cache
     "federated-evaluation", "data-cache", "data-cache-dir",
+    "round-deadline", "over-selection", "async-concurrency", "async-buffer-size",
+    "staleness-weighting", "staleness-exponent", "staleness-cutoff", "max-staleness", "device-work-budget",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

@@ -10,12 +10,19 @@ In a deployment every message starts a fresh process that imports this module: i
 kept to what a fit needs (`tests/test_client_imports.py` holds it there), the node's data comes
 from its disk cache (`flower_app.data`), torch's threads follow the node's ``torch-threads``
 (`flower_app.threads`), and `ArrayClient` hands the arrays to and from Flower without extra copies.
+
+How much a node trains (epochs, step cap, batch size) may be fitted to its device by its node
+config or, in simulation, its device profile (`options.work_plan`); it reports the examples it processed (``num_examples_processed``),
+from which the server's scheduler times it on a simulated device.
 """
 
 from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +46,17 @@ from flwr.common import (
 from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import ClientData, check_agreement, client_data, label_counts
-from flower_app.options import compression_config, finetune_options, payload_kind, privacy_options, train_options
+from flower_app.options import (
+    REPEAT_KEY,
+    WORK_METRIC,
+    WorkPlan,
+    compression_config,
+    finetune_options,
+    payload_kind,
+    privacy_options,
+    train_options,
+    work_plan,
+)
 from flower_app.task import (
     NDArrays,
     build_model,
@@ -86,14 +103,19 @@ class FlowerClient(NumPyClient):
 
     send_views = False
 
-    def __init__(self, cfg: AppConfig, data: ClientData, state: RecordDict, node: str = "this node") -> None:
+    def __init__(
+        self, cfg: AppConfig, data: ClientData, state: RecordDict, work: WorkPlan | None = None,
+        node_config: Mapping[str, Any] | None = None, node: str = "this node",
+    ) -> None:
         self.cfg = cfg
         self.data = data
         self.node = node  # for messages: "node 123 (partition 2)"
         self.state = state  # this node's state across rounds: SCAFFOLD's c_i, compression residual
         self.rule = get_rule(cfg.strategy)
         self.kind = payload_kind(cfg)  # "weights", "delta" or "gradient"
-        self.options = train_options(cfg)
+        # What this node trains each round: the run's settings, fitted to its device (profile, node config).
+        self.work = work if work is not None else work_plan(cfg, node_config or {}, data.partition_id)
+        self.options = replace(train_options(cfg), epochs=self.work.epochs, max_steps=self.work.max_steps)
         self.codec = compression_config(cfg)
         self.privacy = privacy_options(cfg)
         self.device = resolve_device(cfg.device)
@@ -114,10 +136,13 @@ class FlowerClient(NumPyClient):
         set_weights(self.model, self.spec, global_weights)
         # The received model on the local validation split, before training changes it (no RNG is drawn).
         evaluation = self._evaluate_loaded() if config.get(EVALUATE_BEFORE_FIT) else None
-        # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly.
-        seed = zlib.crc32(f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}".encode())
+        # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly; FedBuff may
+        # give a node the same model version twice (REPEAT_KEY), which then shuffles anew.
+        key = f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}"
+        repeat = int(config.get(REPEAT_KEY, 0))
+        seed = zlib.crc32((key + (f":{repeat}" if repeat else "")).encode())
         torch.manual_seed(seed)  # dropout and other random layers replay too (this is the client's process)
-        loader = make_loader(self.data.train.x, self.data.train.y, self.cfg.batch_size, shuffle=True, seed=seed)
+        loader = make_loader(self.data.train.x, self.data.train.y, self.work.batch_size, shuffle=True, seed=seed)
         payload, extras, metrics = self._local_work(global_weights, control, loader)
         if self.privacy.client_dp:  # clip and noise the update (the server sent this round's norm and noise)
             payload, bits = privatize_update(self.privacy, config, payload)
@@ -163,7 +188,9 @@ class FlowerClient(NumPyClient):
         """The rule's client step: the payload (weights, update or gradient), extra arrays, metrics."""
         if self.rule.client_mode == "gradient":
             gradient, loss = self._gradient_payload(global_weights, loader)
-            return gradient, [], {"train_loss": loss, "local_steps": 1}
+            batches = min(self.work.max_steps, len(loader)) if self.work.max_steps else len(loader)
+            processed = min(len(self.data.train), batches * self.work.batch_size)
+            return gradient, [], {"train_loss": loss, "local_steps": 1, WORK_METRIC: processed}
         # SCAFFOLD: this client's c_i, read once from node state (zeros before its first round).
         own = (_load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]) if self.rule.scaffold else []
         correction = self._scaffold_correction(control, own) if self.rule.scaffold else None
@@ -174,7 +201,11 @@ class FlowerClient(NumPyClient):
             extras = self._scaffold_control_delta(global_weights, new_weights, control, own, result.num_steps)
         # The one conversion on the client: the update u = w_local - w_global, when the run sends updates.
         payload = [w - g for w, g in zip(new_weights, global_weights)] if self.kind == "delta" else self._own(new_weights)
-        metrics: dict[str, Scalar] = {"train_loss": result.loss, "local_steps": result.num_steps}
+        metrics: dict[str, Scalar] = {
+            "train_loss": result.loss,
+            "local_steps": result.num_steps,
+            WORK_METRIC: result.num_steps * self.work.batch_size * self.options.grad_accumulation_steps,
+        }
         if result.accuracy is not None:
             metrics["train_accuracy"] = result.accuracy
         return payload, extras, metrics
@@ -182,7 +213,7 @@ class FlowerClient(NumPyClient):
     # ------------------------------------------------------------------------- FedSGD
     def _gradient_payload(self, global_weights: NDArrays, loader: torch.utils.data.DataLoader) -> tuple[NDArrays, float]:
         """Gradients for trainable arrays; for buffers, w_global - b_local (averages them)."""
-        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device, self.options.max_steps)
+        grads, loss = full_gradient(self.model, loader, self.data.info.task, self.device, self.work.max_steps)
         local = get_weights(self.model, self.spec)
         return fedsgd_payload(grads, global_weights, local, self.spec.trainable), loss
 
@@ -221,8 +252,15 @@ def build_client(context: Context) -> FlowerClient:
             f"node {context.node_id} cannot load its data (node-config {dict(context.node_config)}): "
             f"{type(err).__name__}: {err}"
         ) from err
+    try:
+        work = work_plan(cfg, context.node_config, data.partition_id)
+    except ValueError as err:  # a bad local-epochs / max-local-steps / batch-size, a bad device trace
+        raise NodeDataError(
+            f"node {context.node_id} cannot plan its work (node-config {dict(context.node_config)}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
     source = f"partition {data.partition_id}" if data.partition_id >= 0 else f"data-path {context.node_config['data-path']}"
-    return FlowerClient(cfg, data, context.state, node=f"node {context.node_id} ({source})")
+    return FlowerClient(cfg, data, context.state, work, node=f"node {context.node_id} ({source})")
 
 
 # ------------------------------------------------------------------------- arrays to and from Flower

@@ -70,6 +70,24 @@ def _codec_names() -> list[str]:
     return sorted(CODECS)
 
 
+def _mode_names() -> list[str]:
+    from strategies.scheduling import MODES
+
+    return list(MODES)
+
+
+def _staleness_names() -> list[str]:
+    from strategies.scheduling import STALENESS_FUNCTIONS
+
+    return list(STALENESS_FUNCTIONS)
+
+
+def _profile_names() -> list[str]:
+    from strategies.profiles import PROFILE_FAMILIES
+
+    return ["none", *PROFILE_FAMILIES]
+
+
 def _model_names() -> list[str]:
     from flower_app.task import FINETUNE_MODELS, MODELS
 
@@ -97,6 +115,16 @@ LOCAL_TRAINING_KEYS = (  # read by rules with `RuleSpec.local_training`
     "local-epochs", "learning-rate", "client-momentum", "weight-decay", "grad-accumulation-steps", "client-optimizer",
 )
 RULE_KEYS = (*SERVER_OPTIMIZER_KEYS.values(), *PROXIMAL_KEYS, *LOCAL_TRAINING_KEYS)
+# Keys read in one mode only (`strategies.scheduling.MODES`) or with device profiles (`strategies.profiles`).
+SYNC_KEYS = ("round-deadline", "over-selection")
+ASYNC_KEYS = (
+    "async-concurrency", "async-buffer-size", "staleness-weighting", "staleness-exponent", "staleness-cutoff",
+    "max-staleness",
+)
+DEVICE_KEYS = (
+    "device-speed", "device-speed-spread", "device-upload-bandwidth", "device-download-bandwidth", "device-dropout",
+    "device-availability", "device-availability-period", "device-trace", "device-work-budget",
+)
 AGGREGATOR_KEYS = tuple(AGGREGATOR_PARAM_KEYS.values())
 
 
@@ -339,6 +367,48 @@ class AppConfig:
     data_cache_dir: str = _opt(
         "", "folder of the clients' prepared data (node-config data-cache-dir overrides; '' = ~/.cache/flower_app/prepared)"
     )
+    # --- scheduling and heterogeneous devices (flower_app/scheduler.py; README "Heterogeneous devices") ---
+    mode: str = _opt(
+        "sync", "sync: rounds; async: FedBuff, buffered asynchronous aggregation (Nguyen et al. 2022)",
+        choices=_mode_names,
+    )
+    round_deadline: float = _opt(
+        0.0, "a round aggregates the replies that arrive within this many seconds (simulated with device-profiles, "
+        "real otherwise) and drops later ones (0 = no deadline)", min=0.0,
+    )
+    over_selection: float = _opt(
+        1.0, "sample this factor more clients than a round needs and aggregate the first that report "
+        "(Bonawitz et al. 2019)", min=1.0,
+    )
+    async_concurrency: int = _opt(
+        0, "clients training at all times (0 = the sync cohort, max(fraction-fit x available, min-fit-clients))", min=0
+    )
+    async_buffer_size: int = _opt(2, "updates per server step (K of FedBuff)", min=1)
+    staleness_weighting: str = _opt(
+        "polynomial", "weight s(tau) of an update tau server steps old: constant 1, polynomial (1+tau)^-a, hinge "
+        "(1 up to b, then 1/(1+a(tau-b)))", choices=_staleness_names,
+    )
+    staleness_exponent: float = _opt(0.5, "a of the staleness weighting (0.5: FedBuff's 1/sqrt(1+tau))", min=0.0)
+    staleness_cutoff: int = _opt(4, "b of the hinge staleness weighting", min=0)
+    max_staleness: int = _opt(0, "drop updates more than this many server steps old (0 = keep all)", min=0)
+    device_profiles: str = _opt(
+        "none", "simulated devices: none, uniform, mild or heavy (log-normal speeds and bandwidths, sigma 0.5 / 1.5), "
+        "lognormal (sigma device-speed-spread), trace (device-trace)", choices=_profile_names,
+    )
+    device_speed: float = _opt(100.0, "median compute speed, examples per simulated second", gt=0.0)
+    device_speed_spread: float = _opt(1.0, "sigma of log speed and log bandwidth of the lognormal profiles", min=0.0)
+    device_upload_bandwidth: float = _opt(1e6, "median upload bandwidth, bytes per simulated second", gt=0.0)
+    device_download_bandwidth: float = _opt(4e6, "median download bandwidth, bytes per simulated second", gt=0.0)
+    device_dropout: float = _opt(0.0, "probability that a device drops out part-way through its work", min=0.0, lt=1.0)
+    device_availability: float = _opt(
+        1.0, "fraction of each availability period a device is online (each device its own phase)", gt=0.0, max=1.0
+    )
+    device_availability_period: float = _opt(3600.0, "simulated seconds of one online/offline cycle", gt=0.0)
+    device_trace: str = _opt("", "CSV of device profiles, one row per partition (device-profiles='trace')")
+    device_work_budget: float = _opt(
+        0.0, "simulated seconds of computation a device gets per round: at most budget x speed examples of steps "
+        "(0 = no cap)", min=0.0,
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -388,6 +458,7 @@ class AppConfig:
         self._check_finetune()
         self._check_privacy()
         self._check_server_data()
+        self._check_scheduling()
 
     def _check_model(self) -> None:
         """A registered model, or the syntax of an own factory's import path (imported only when the model is built)."""
@@ -556,6 +627,64 @@ class AppConfig:
             )
         if self.dp_target_epsilon > 0 and self.dp_noise_multiplier == 0:
             raise ConfigError("dp-target-epsilon needs noise: with dp-noise-multiplier=0 epsilon is infinite after one round")
+
+    def _check_scheduling(self) -> None:
+        """Modes, deadlines and device profiles: keys the run does not read, and what cannot run together."""
+        from strategies.profiles import get_family
+        from strategies.scheduling import STALENESS_PARAMS_USED, get_mode
+
+        mode = get_mode(self.mode)
+        read = set(ASYNC_KEYS if mode.asynchronous else SYNC_KEYS)
+        if mode.asynchronous:
+            used = STALENESS_PARAMS_USED[self.staleness_weighting]
+            read -= {key for name, key in (("exponent", "staleness-exponent"), ("cutoff", "staleness-cutoff"))
+                     if name not in used}
+        if self.device_profiles != "none":
+            family = get_family(self.device_profiles)
+            read |= set(DEVICE_KEYS) - {"device-speed-spread", "device-trace"}
+            read |= {"device-speed-spread"} if family.reads_spread else set()
+            read |= {"device-trace"} if family.from_trace else set()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unread = [k for k in (*SYNC_KEYS, *ASYNC_KEYS, *DEVICE_KEYS)
+                  if k not in read and getattr(self, _snake(k)) != defaults[_snake(k)]]
+        if unread:
+            them = "it" if len(unread) == 1 else "them"
+            setting = f"mode '{self.mode}', device-profiles '{self.device_profiles}'"
+            if self.mode == "async":
+                setting += f", staleness-weighting '{self.staleness_weighting}'"
+            raise ConfigError(
+                f"{', '.join(unread)} {'is' if len(unread) == 1 else 'are'} set but this run ({setting}) does not read "
+                f"{them} (it reads {', '.join(k for k in (*SYNC_KEYS, *ASYNC_KEYS, *DEVICE_KEYS) if k in read)}); "
+                f"leave {them} at the default or change the mode or device-profiles"
+            )
+        if self.device_profiles == "trace" and not self.device_trace:
+            raise ConfigError("device-profiles 'trace' needs device-trace: the path of a CSV file with a row per partition")
+        rule = get_rule(self.strategy)
+        if mode.asynchronous:
+            fits = [name for name, r in STRATEGIES.items() if not r.async_conflict]
+            if rule.async_conflict:
+                raise ConfigError(
+                    f"mode 'async': strategy '{self.strategy}' {rule.async_conflict}, but FedBuff applies updates that "
+                    f"started from different model versions; choose {_one_of(fits)}"
+                )
+            if self.secure_aggregation:
+                raise ConfigError(f"mode 'async' cannot run with secure-aggregation: {mode.secagg_conflict}; use mode='sync'")
+            if self.dp_mode != "none":
+                raise ConfigError(f"mode 'async' cannot run with dp-mode '{self.dp_mode}': {mode.dp_conflict}; "
+                                  "use mode='sync'")
+            if self.async_concurrency and self.async_buffer_size > self.async_concurrency:
+                raise ConfigError(
+                    f"async-buffer-size ({self.async_buffer_size}) must be <= async-concurrency "
+                    f"({self.async_concurrency}): a buffer larger than the clients training at once never fills"
+                )
+        if self.secure_aggregation:
+            timed = [k for k in ("round-deadline", "over-selection") if getattr(self, _snake(k)) != defaults[_snake(k)]]
+            if self.device_profiles != "none" or timed:
+                what = ", ".join([*(["device-profiles"] if self.device_profiles != "none" else []), *timed])
+                raise ConfigError(
+                    f"secure-aggregation runs Flower's SecAgg+ workflow, whose rounds of keys, shares and masked "
+                    f"vectors need every sampled client; {what} cannot apply to it: leave {what} at the default"
+                )
 
     def _check_secagg_counts(self) -> None:
         shares, threshold = self.secagg_num_shares, self.secagg_reconstruction_threshold

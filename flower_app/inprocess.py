@@ -153,7 +153,9 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
-    def _deliver(self, message: Message) -> Message:
+    def _deliver(self, message: Message, message_id: str) -> Message:
+        # As Flower's own grids do: the message gets its ID when pushed, and its reply names it.
+        message.metadata.__dict__["_message_id"] = message_id
         message = copy.deepcopy(message)
         if self.drop is not None and self.drop(message):
             return Message(Error(code=0, reason="node dropped out"), reply_to=message)
@@ -168,12 +170,9 @@ class InProcessGrid(Grid):
         ids = []
         for message in messages:
             with self._lock:  # one client at a time, like one core per client
-                reply = self._deliver(message)
                 self._next_id += 1
                 ids.append(str(self._next_id))
-                # As from a SuperLink: the reply names the pushed message's id (what Flower's grids match on).
-                reply.metadata.__dict__["_reply_to_message_id"] = ids[-1]
-                self._replies[ids[-1]] = reply
+                self._replies[ids[-1]] = self._deliver(message, ids[-1])
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:

@@ -2,18 +2,21 @@
 
 server `strategy_options`, client training `train_options`, data `source_options` and
 `partition_options`, compression `compression_config`, fine-tuning `finetune_options`, privacy
-`privacy_options`, and the payload a client sends, `payload_kind`. No other module turns `AppConfig`
-fields into option objects; the ServerApp and the ClientApp both call these, so they agree.
+`privacy_options`, the scheduler `scheduler_options`, simulated devices `profile_options`, the work that
+fits a node `work_plan` (run config, device profile, node config), and the payload a client sends,
+`payload_kind`. No other module turns `AppConfig` fields into option objects; the ServerApp and the
+ClientApp both call these, so they agree.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import PartitionOptions, SourceOptions
-from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig
+from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig, ConfigError
 from flower_app.gguf_cache import resolve_model
 from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
 from flower_app.task import TrainOptions
@@ -22,6 +25,8 @@ from strategies.aggregators import AggregatorParams
 from strategies.base import StrategyOptions
 from strategies.compression import CompressionConfig
 from strategies.optimizers import ServerOptHParams
+from strategies.profiles import DeviceProfile, ProfileOptions, profile_for, step_budget
+from strategies.scheduling import StalenessParams, get_mode
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,12 @@ def privacy_options(cfg: AppConfig) -> PrivacyOptions:
 def payload_kind(cfg: AppConfig) -> str:
     """What clients send: ``gradient`` (gradient rules), ``delta`` or ``weights``.
 
-    Client-side DP clips and noises the update, so its clients send the update whatever
-    ``send-delta`` says (the server decodes every kind into an update anyway).
+    Client-side DP clips and noises the update, and FedBuff's server keeps only the newest model while
+    clients train on older ones, so their clients send the update whatever ``send-delta`` says (the
+    server decodes every kind into an update anyway).
     """
-    return get_rule(cfg.strategy).payload_kind(cfg.send_delta or privacy_options(cfg).client_dp)
+    deltas = cfg.send_delta or privacy_options(cfg).client_dp or get_mode(cfg.mode).sends_deltas
+    return get_rule(cfg.strategy).payload_kind(deltas)
 
 
 def strategy_options(cfg: AppConfig) -> StrategyOptions:
@@ -116,6 +123,7 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         max_update_norm_ratio=cfg.max_update_norm_ratio,
         federated_evaluation=cfg.federated_evaluation,
         num_rounds=cfg.num_server_rounds,
+        over_selection=cfg.over_selection,
     )
 
 
@@ -191,3 +199,129 @@ def partition_options(cfg: AppConfig, num_partitions: int) -> PartitionOptions:
         quantity_alpha=cfg.quantity_alpha,
         min_partition_size=cfg.min_partition_size,
     )
+
+
+# ------------------------------------------------------------------------------- scheduling and devices
+# What clients and the scheduler say to each other besides the rule's own metrics:
+WORK_METRIC = "num_examples_processed"  # fit metric: optimizer steps x effective batch (the unit of simulated work)
+REPEAT_KEY = "repeat"  # fit config: the n-th time this node trains from the same model version (FedBuff)
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """How the server schedules client work (`flower_app.scheduler`): mode, deadline, FedBuff's knobs."""
+
+    mode: str = "sync"
+    round_deadline: float = 0.0  # seconds; simulated when there are device profiles
+    round_timeout: float = 0.0  # the messages' time to live (0 = Flower's default)
+    concurrency: int = 0  # async: 0 = the sync cohort
+    buffer_size: int = 2
+    staleness_weighting: str = "polynomial"
+    staleness: StalenessParams = field(default_factory=StalenessParams)
+    max_staleness: int = 0
+    fraction_fit: float = 1.0
+    min_fit_clients: int = 2
+    fraction_evaluate: float = 1.0
+    seed: int = 0
+    poll_interval: float = 0.5  # seconds between pulls of replies (Flower's own grids poll every 3 s)
+
+    @property
+    def asynchronous(self) -> bool:
+        return get_mode(self.mode).asynchronous
+
+
+def scheduler_options(cfg: AppConfig) -> SchedulerOptions:
+    return SchedulerOptions(
+        mode=cfg.mode,
+        round_deadline=cfg.round_deadline,
+        round_timeout=cfg.round_timeout,
+        concurrency=cfg.async_concurrency,
+        buffer_size=cfg.async_buffer_size,
+        staleness_weighting=cfg.staleness_weighting,
+        staleness=StalenessParams(exponent=cfg.staleness_exponent, cutoff=cfg.staleness_cutoff),
+        max_staleness=cfg.max_staleness,
+        fraction_fit=cfg.fraction_fit,
+        min_fit_clients=cfg.min_fit_clients,
+        fraction_evaluate=cfg.fraction_evaluate,
+        seed=cfg.seed,
+    )
+
+
+def uses_scheduler(cfg: AppConfig) -> bool:
+    """Whether the run needs `flower_app.scheduler` rather than Flower's legacy loop (or SecAgg+'s workflow)."""
+    return (get_mode(cfg.mode).asynchronous or cfg.device_profiles != "none" or cfg.round_deadline > 0
+            or cfg.over_selection > 1.0)
+
+
+def profile_options(cfg: AppConfig) -> ProfileOptions | None:
+    """The simulated devices, or None without device profiles."""
+    if cfg.device_profiles == "none":
+        return None
+    return ProfileOptions(
+        family=cfg.device_profiles,
+        seed=cfg.seed,
+        speed=cfg.device_speed,
+        spread=cfg.device_speed_spread,
+        upload_bandwidth=cfg.device_upload_bandwidth,
+        download_bandwidth=cfg.device_download_bandwidth,
+        dropout=cfg.device_dropout,
+        availability=cfg.device_availability,
+        period=cfg.device_availability_period,
+        trace=cfg.device_trace,
+        work_budget=cfg.device_work_budget,
+    )
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """The local work of one node: epochs, a cap on optimizer steps (0 = none) and the batch size."""
+
+    epochs: int
+    max_steps: int
+    batch_size: int
+    source: str = "run config"  # where the values come from, for the log
+
+
+# node-config keys a SuperNode may set to fit the work to its device (`--node-config "batch-size=8"`)
+NODE_WORK_KEYS: dict[str, tuple[str, int]] = {  # key -> (WorkPlan field, smallest value)
+    "local-epochs": ("epochs", 1),
+    "max-local-steps": ("max_steps", 0),
+    "batch-size": ("batch_size", 1),
+}
+
+
+def work_plan(cfg: AppConfig, node_config: Mapping[str, Any], partition: int) -> WorkPlan:
+    """The work this node does each round: the run config's, then its device profile's (simulation), then its
+    node config's (deployment), each overriding the one before.
+
+    A profile (``device-profiles``, by partition) may carry its own epochs, step cap and batch size (trace
+    columns), and ``device-work-budget`` caps the steps at what the device computes in that many simulated
+    seconds (`strategies.profiles.step_budget`), so a slow device trains less. Node-config keys
+    (`NODE_WORK_KEYS`) must be integers in range; anything else raises `ConfigError` naming the key.
+    """
+    epochs, max_steps, batch = cfg.local_epochs, cfg.max_local_steps, cfg.batch_size
+    sources = []
+    options = profile_options(cfg)
+    if options is not None and partition >= 0:
+        profile: DeviceProfile = profile_for(options, partition)
+        epochs = profile.local_epochs or epochs
+        max_steps = profile.max_local_steps or max_steps
+        batch = profile.batch_size or batch
+        cap = step_budget(profile, options.work_budget, batch * cfg.grad_accumulation_steps)
+        if cap:
+            max_steps = min(max_steps, cap) if max_steps else cap
+        sources.append(f"device profile of partition {partition}")
+    values = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch}
+    for key, (name, smallest) in NODE_WORK_KEYS.items():
+        if key not in node_config:
+            continue
+        value = node_config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            raise ConfigError(
+                f"node-config key '{key}' must be an integer >= {smallest}, got {value!r}; the node-config keys that "
+                f"fit the work to a device are {', '.join(NODE_WORK_KEYS)}"
+            )
+        values[name] = value
+        if "node config" not in sources:
+            sources.append("node config")
+    return WorkPlan(**values, source=", ".join(sources) or "run config")

@@ -1,5 +1,6 @@
 """ServerApp: builds the model, the strategy and the run's outputs from the run config, and runs
-the legacy server loop, or Flower's SecAgg+ workflow when the run asks for secure aggregation."""
+the legacy server loop, Flower's SecAgg+ workflow when the run asks for secure aggregation, or the
+scheduler (`flower_app.scheduler`) for FedBuff, deadlines, over-selection and simulated devices."""
 
 from __future__ import annotations
 
@@ -23,9 +24,18 @@ from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import agreement_config, configured_model_info, model_info, server_source
 from flower_app.hf_models import is_finetune_model, save_pretrained
 from flower_app.instruct import instruction_evaluator
-from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
+from flower_app.options import (
+    PrivacyOptions,
+    finetune_options,
+    privacy_options,
+    profile_options,
+    scheduler_options,
+    strategy_options,
+    uses_scheduler,
+)
 from flower_app.outputs import RunRecorder
 from flower_app.reply_poll import PollingGrid
+from flower_app.scheduler import SchedulerState, run_scheduled
 from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
@@ -52,11 +62,14 @@ def make_strategy(
     start_round: int = 0,
     round_config: Mapping[str, Scalar] | None = None,
 ) -> FederatedStrategy:
-    """The strategy shell for this run config, with its hooks (privacy), around the given initial weights."""
+    """The strategy shell for this run config, with its hooks (privacy, the scheduler), around the given initial weights."""
     options, privacy = strategy_options(cfg), privacy_options(cfg)
+    hooks = privacy_hooks(privacy, options, cfg.num_server_rounds)
+    if uses_scheduler(cfg):
+        hooks = [*hooks, SchedulerState(scheduler_options(cfg))]
     return FederatedStrategy(
         options, weights, trainable, evaluate_fn, observers, start_round,
-        hooks=privacy_hooks(privacy, options, cfg.num_server_rounds),
+        hooks=hooks,
         preaggregated=privacy.secure_aggregation,  # SecAgg+ hands the strategy one aggregate
         round_config=round_config,
     )
@@ -183,15 +196,22 @@ def secagg_workflow(options: PrivacyOptions, round_timeout: float) -> SecAggPlus
 
 
 def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], ServerAppComponents] = server_fn) -> None:
-    """The ServerApp's main: the legacy loop, or the SecAgg+ workflow when the run asks for it.
+    """The ServerApp's main: the legacy loop, the SecAgg+ workflow, or the scheduler.
 
     Without secure aggregation this is exactly what ``ServerApp(server_fn=...)`` does
     (`start_grid` with the components); with it, Flower's `DefaultWorkflow` runs the same
-    strategy with `SecAggPlusWorkflow` as its fit step.
+    strategy with `SecAggPlusWorkflow` as its fit step. FedBuff, a round deadline, over-selection
+    or simulated devices (`options.uses_scheduler`) run the same strategy through
+    `scheduler.run_scheduled`, over the same grid.
     """
     cfg = parse_run_config(context.run_config)
     grid = PollingGrid(grid)  # replies collected every 0.25 s, not every 3 s (flower_app.reply_poll)
     components = server_fn(context)
+    if uses_scheduler(cfg):
+        assert isinstance(components.strategy, FederatedStrategy) and components.config is not None
+        run_scheduled(grid, components.strategy, scheduler_options(cfg), profile_options(cfg),
+                      components.config.num_rounds)
+        return
     if not cfg.secure_aggregation:
         start_grid(
             grid=grid,

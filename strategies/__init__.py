@@ -92,6 +92,13 @@ class RuleSpec:
         return "does its own normalized averaging" if self.fednova else ""
 
     @property
+    def async_conflict(self) -> str:
+        """Why asynchronous aggregation (FedBuff: updates from different model versions) cannot run this rule ("" = it can)."""
+        if self.client_state:
+            return f"keeps a {self.client_state} per client, updated against the one server state a round's cohort shares"
+        return ""
+
+    @property
     def adamw_conflict(self) -> str:
         """Why clients cannot train with AdamW under this rule ("" = they can)."""
         return "it assumes local SGD steps" if not self.local_training or self.scaffold or self.fednova else ""

@@ -62,6 +62,7 @@ from strategies.evaluation import EVALUATE_BEFORE_FIT, split_fit_evaluation
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, ServerOptState, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
+from strategies.scheduling import cohort_size, over_selected
 from strategies.selection import BestRound, best_state_dict, load_best_state, selection_metric, update_best
 from strategies.serde import views
 from strategies.streaming import StreamingMean, finite_weighted_mean
@@ -111,6 +112,7 @@ class StrategyOptions:
     # --- speed (issue 12): federated evaluation in the fit message (strategies.evaluation) ---
     federated_evaluation: str = "separate"  # "fit" | "separate" | "none"
     num_rounds: int = 0  # rounds of the run, resumed ones included ("fit": one evaluate round after the last; 0 = none)
+    over_selection: float = 1.0  # sample ceil(cohort x this) clients for fit (`strategies.scheduling.over_selected`)
 
 
 def _central_extras(metrics: Mapping[str, Scalar]) -> dict[str, float]:
@@ -236,6 +238,8 @@ class FederatedStrategy(Strategy):
         self._round_start = 0.0
         self._num_available = 0
         self._skipped_round = -1  # a round a hook called off in configure_fit
+        # The last fit sampling: (clients the round needs, clients sampled); more with over-selection.
+        self.cohort: tuple[int, int] = (0, 0)
         # Per client: what it reported of its data (data_* metrics), for partitions.csv.
         self.data_summary: dict[str, dict[str, Scalar]] = {}
         self.round_config: dict[str, Scalar] = dict(round_config or {})
@@ -300,8 +304,7 @@ class FederatedStrategy(Strategy):
                 return []
             config.update(extra)
         if self.rule.scaffold:
-            assert self.scaffold_state is not None
-            parameters = ndarrays_to_parameters(self.weights + self.scaffold_state.control)
+            parameters = self.fit_parameters()
         self._record.clients_sampled = len(clients)
         self._record.bytes_sent += _nbytes(parameters) * len(clients)
         self._record.extra["bytes_sent_per_client"] = _nbytes(parameters)  # the model each sampled client gets
@@ -418,6 +421,25 @@ class FederatedStrategy(Strategy):
                 "lower median; its weight in the federated figures is capped at %d",
                 record.round, replies[i][0], replies[i][1], self.options.max_count_ratio, counts[i])
         return aggregate_metrics([(n, m) for n, (_, _, m) in zip(counts, replies)]) if replies else {}
+    # ------------------------------------------------- for drivers other than Flower's loop (scheduler)
+    def fit_parameters(self) -> Parameters:
+        """What a client trains from: the global weights (and SCAFFOLD's control variate after them)."""
+        if self.scaffold_state is not None:
+            return ndarrays_to_parameters(self.weights + self.scaffold_state.control)
+        return ndarrays_to_parameters(self.weights)
+
+    @property
+    def record(self) -> RoundRecord | None:
+        """The round in progress (None before the first)."""
+        return self._record
+
+    def open_round(self, server_round: int) -> RoundRecord:
+        """Start (or return) the record of ``server_round`` (counted from this run's start, as Flower's are)."""
+        return self._ensure_record(server_round)
+
+    def close_round(self) -> None:
+        """Finish the round in progress: its seconds, the log line, hooks' end_round and the observers."""
+        self._finish_round()
 
     # -------------------------------------------------------------------------- internals
     def _evaluate_round(self, rnd: int) -> bool:
@@ -574,7 +596,10 @@ class FederatedStrategy(Strategy):
             log(WARNING, "round %d: %d clients connected, fewer than the minimum %d for %s; skipping it",
                 rnd, len(available), minimum, purpose)
             return []
-        count = min(len(available), max(int(fraction * len(available)), minimum))
+        needed = cohort_size(len(available), fraction, minimum)
+        count = over_selected(needed, len(available), self.options.over_selection) if purpose == "fit" else needed
+        if purpose == "fit":
+            self.cohort = (needed, count)
         rng = random.Random(zlib.crc32(f"{self.options.seed}:{rnd}:{purpose}".encode()))
         chosen = rng.sample(sorted(available), count)
         return [available[cid] for cid in chosen]
