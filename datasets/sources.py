@@ -337,7 +337,7 @@ def _feature_column(table: Table, name: str) -> np.ndarray:
     """
     cells = table.column(name)
     try:
-        values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+        values = np.fromiter((float(cell.strip()) for cell in cells), dtype=np.float64, count=len(cells))  # as below
     except ValueError:
         values = None
     if values is not None and bool(np.all(np.abs(values) <= _FLOAT32_MAX)):  # False for NaN and inf
