@@ -49,6 +49,7 @@ from flwr.server.strategy import Strategy
 
 from strategies import get_rule
 from strategies.aggregators import AggregatorParams, fednova_combine, get_aggregator
+from strategies.client_metrics import per_client_columns
 from strategies.compression import CompressionConfig, decompress
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
 from strategies.optimizers import ServerOptHParams, get_server_optimizer
@@ -176,6 +177,8 @@ class FederatedStrategy(Strategy):
         self._skipped_round = -1  # a round a hook called off in configure_fit
         # Per client: what it reported of its data (data_* metrics), for partitions.csv.
         self.data_summary: dict[str, dict[str, Scalar]] = {}
+        # Sent with every fit and evaluate instruction (the app adds the run's name: nodes key their kept state by it).
+        self.client_config: dict[str, Scalar] = {}
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -220,7 +223,7 @@ class FederatedStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=rnd)
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
-        config: dict[str, Scalar] = {"server-round": rnd}
+        config: dict[str, Scalar] = {"server-round": rnd, **self.client_config}
         for hook in self.hooks:
             extra = hook.fit_config(rnd, self._num_available, len(clients))
             if extra is None:
@@ -282,7 +285,7 @@ class FederatedStrategy(Strategy):
             return []
         params = ndarrays_to_parameters(self.weights)
         record.bytes_sent += _nbytes(params) * len(clients)
-        config: dict[str, Scalar] = {"server-round": record.round}
+        config: dict[str, Scalar] = {"server-round": record.round, **self.client_config}
         return [(c, EvaluateIns(params, dict(config))) for c in clients]
 
     def aggregate_evaluate(
@@ -300,6 +303,11 @@ class FederatedStrategy(Strategy):
         record.federated_loss = loss if loss is not None else math.nan
         record.federated_accuracy = metrics.pop("accuracy", math.nan)
         record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+        # Each client once: mean, 10th percentile and worst of its accuracy (loss for regression).
+        columns, problems = per_client_columns([{"loss": r.loss, **r.metrics} for _, r in results if r.num_examples > 0])
+        for problem in problems:
+            log(WARNING, "round %d: per-client figures leave out %s", record.round, problem)
+        record.extra.update(columns)
         self._finish_round()
         return loss, dict[str, Scalar](metrics)
 
@@ -364,9 +372,10 @@ class FederatedStrategy(Strategy):
         log(
             INFO,
             "round %d done in %.1fs: central acc %.4f loss %.4f | federated acc %.4f loss %.4f | "
-            "%d results, %d failures, %d rejected",
+            "%d results, %d failures, %d rejected%s",
             record.round, record.seconds, record.central_accuracy, record.central_loss,
             record.federated_accuracy, record.federated_loss, record.results, record.failures, record.rejected,
+            _per_client_summary(record.extra),
         )
         self._notify(record)
 
@@ -554,6 +563,18 @@ class FederatedStrategy(Strategy):
             self.scaffold_state = scaffold_update_control(
                 self.scaffold_state, [u.extras for u in updates], max(self._num_available, len(updates))
             )
+
+
+def _per_client_summary(extra: Mapping[str, float]) -> str:
+    """`` | per client acc mean/p10/worst 0.81/0.52/0.40, personal ...`` for the round's log line ("" = none)."""
+    parts = []
+    for metric, label in (("accuracy", "acc"), ("personal_accuracy", "personal acc"), ("loss", "loss"),
+                          ("personal_loss", "personal loss")):
+        figures = [(f, extra.get(f"clients_{metric}_{f}")) for f in ("mean", "p10", "p90", "worst")]
+        shown = [(f, v) for f, v in figures if v is not None]
+        if shown:
+            parts.append(f"{label} {'/'.join(f for f, _ in shown)} {'/'.join(f'{v:.4f}' for _, v in shown)}")
+    return f" | per client {', '.join(parts)}" if parts else ""
 
 
 def _negated(update: NDArrays) -> NDArrays:
