@@ -63,6 +63,8 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
     "what the checkpoint's weights and server state are": (
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
         "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save",
+        # personalization: which entries travel (the checkpoint's weights) and what the nodes keep
+        "personalization", "personal-modules",
     ),
 }
 # Training and operational settings: a resume may change them (e.g. more rounds, a lower learning
@@ -76,6 +78,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "device", "data-root", "download", "compression-block-size", "topk-fraction", "error-feedback",
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
     "model-cache-dir", "answer-scoring", "gradient-checkpointing", "max-local-steps",
+    # personalization: the personal training's settings
+    "personal-epochs", "personal-steps", "personal-learning-rate", "ditto-lambda",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

@@ -2,7 +2,7 @@
 
 server `strategy_options`, client training `train_options`, data `source_options` and
 `partition_options`, compression `compression_config`, fine-tuning `finetune_options`, privacy
-`privacy_options`, and the payload a client sends, `payload_kind`. No other module turns `AppConfig`
+`privacy_options`, personalization `personal_options`, and the payload a client sends, `payload_kind`. No other module turns `AppConfig`
 fields into option objects; the ServerApp and the ClientApp both call these, so they agree.
 """
 
@@ -16,6 +16,7 @@ from datasets import PartitionOptions, SourceOptions
 from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig
 from flower_app.gguf_cache import resolve_model
 from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
+from flower_app.personal import PersonalOptions
 from flower_app.task import TrainOptions
 from strategies import get_rule
 from strategies.aggregators import AggregatorParams
@@ -185,4 +186,16 @@ def partition_options(cfg: AppConfig, num_partitions: int) -> PartitionOptions:
         classes_per_partition=cfg.classes_per_partition,
         quantity_alpha=cfg.quantity_alpha,
         min_partition_size=cfg.min_partition_size,
+    )
+
+
+def personal_options(cfg: AppConfig) -> PersonalOptions:
+    """Personalization: the method, which modules stay local, and the personal training's settings."""
+    return PersonalOptions(
+        method=cfg.personalization,
+        modules=split_names(cfg.personal_modules),
+        epochs=cfg.personal_epochs,
+        steps=cfg.personal_steps,
+        learning_rate=cfg.personal_learning_rate or cfg.learning_rate,
+        ditto_lambda=cfg.ditto_lambda,
     )

@@ -20,8 +20,10 @@ from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import model_info, server_source
 from flower_app.hf_models import save_pretrained
 from flower_app.instruct import instruction_evaluator
-from flower_app.options import PrivacyOptions, finetune_options, privacy_options, strategy_options
+from flower_app.node_state import RUN_NAME_CONFIG_KEY
+from flower_app.options import PrivacyOptions, finetune_options, personal_options, privacy_options, strategy_options
 from flower_app.outputs import RunRecorder
+from flower_app.personal import personal_split
 from flower_app.server_privacy import privacy_hooks
 from flower_app.task import (
     FINETUNE_MODELS,
@@ -32,7 +34,6 @@ from flower_app.task import (
     resolve_device,
     resolve_model_name,
     set_weights,
-    weight_spec,
 )
 from strategies.base import EvaluateFn, FederatedStrategy, RoundObserver
 
@@ -59,7 +60,8 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
     source = server_source(cfg)
     info = model_info(source)
     model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=False))
-    spec = weight_spec(model)
+    split = personal_split(personal_options(cfg), model)  # personalization: personal entries stay on the nodes
+    spec = split.shared  # what travels, is aggregated and checkpointed
     device = resolve_device(cfg.device)
     # Transformers evaluate at the training batch size: 256 sequences of vocabulary-sized logits may not fit.
     eval_batch = cfg.batch_size if resolve_model_name(cfg.model, info) in FINETUNE_MODELS else max(cfg.batch_size, 256)
@@ -76,16 +78,23 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
     def save_model(weights: list[np.ndarray], path: Path) -> None:
         set_weights(model, spec, weights)
         state = model.state_dict()
-        if save_pretrained(model, path.parent) is not None:
+        if save_pretrained(model, path.parent) is not None or split.personal.keys:
             # Transformers: adapter/ (or hf_model/) loads with peft / transformers; model.pt keeps what trained.
+            # Personalization: the personal entries are each node's own; the server's copies were never trained.
             state = {k: state[k].detach() for k in spec.keys}
         with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
             torch.save({k: v.cpu() for k, v in state.items()}, f)
 
     check_privacy_model(cfg, spec.trainable, resolve_model_name(cfg.model, info))
     recorder = RunRecorder(cfg, spec, save_model, flower_run_id)  # on resume: locks the run, reads its checkpoint
-    strategy = make_strategy(cfg, get_weights(model, spec), spec.trainable, evaluate_fn, [recorder], recorder.start_round)
+    # A model whose personal part stays on the nodes is incomplete on the server: no centralized evaluation.
+    central = evaluate_fn if split.personal.keys == () else None
+    if central is None:
+        log(INFO, "personalization '%s': the personal part of the model stays on the nodes, so the server's model is "
+            "incomplete and is not evaluated centrally; federated evaluation reports each node's model", cfg.personalization)
+    strategy = make_strategy(cfg, get_weights(model, spec), spec.trainable, central, [recorder], recorder.start_round)
     recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
+    strategy.client_config[RUN_NAME_CONFIG_KEY] = recorder.dir.name  # nodes key what they keep by the run's name
     return strategy, recorder.rounds_left
 
 
