@@ -67,6 +67,8 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
     "what the checkpoint's weights and server state are": (
         "strategy", "aggregator", "model", "hidden-size", "send-delta", "compression", "hf-model", "hf-dtype",
         "lora-rank", "lora-alpha", "lora-target-modules", "lora-modules-to-save", "input-shape", "num-outputs",
+        # personalization: which entries travel (the checkpoint's weights) and what the nodes keep
+        "personalization", "personal-modules",
     ),
     # FedBuff's checkpoint holds the clients in flight and the model versions they started from; a sync run's
     # holds none. The simulated devices are the data the simulated clock is made of.
@@ -93,6 +95,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "federated-evaluation", "data-cache", "data-cache-dir",
     "round-deadline", "over-selection", "async-concurrency", "async-buffer-size",
     "staleness-weighting", "staleness-exponent", "staleness-cutoff", "max-staleness", "device-work-budget",
+    # personalization: the personal training's settings
+    "personal-epochs", "personal-steps", "personal-learning-rate", "ditto-lambda",
 )
 NOT_COMPARED: tuple[str, ...] = ("resume", "run-name")
 

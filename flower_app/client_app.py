@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import (
-    ArrayRecord,
     Code,
     Context,
     EvaluateIns,
@@ -46,6 +45,7 @@ from flwr.common import (
 from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
 from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import ClientData, check_agreement, client_data, label_counts
+from flower_app.node_state import NodeState, kept_state, open_store, warn_if_lost_on_resume
 from flower_app.options import (
     REPEAT_KEY,
     WORK_METRIC,
@@ -53,10 +53,12 @@ from flower_app.options import (
     compression_config,
     finetune_options,
     payload_kind,
+    personal_options,
     privacy_options,
     train_options,
     work_plan,
 )
+from flower_app.personal import Personalizer
 from flower_app.task import (
     NDArrays,
     build_model,
@@ -66,8 +68,6 @@ from flower_app.task import (
     make_loader,
     resolve_device,
     set_weights,
-    train,
-    weight_spec,
 )
 from flower_app.threads import apply_threads
 from strategies import get_rule
@@ -78,19 +78,6 @@ from strategies.serde import views
 
 CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
 RESIDUAL_KEY = "compression-residual"  # what compression has not sent yet (error feedback)
-
-
-def _load(state: RecordDict, key: str) -> NDArrays | None:
-    record = state.get(key)
-    return record.to_numpy_ndarrays() if isinstance(record, ArrayRecord) else None
-
-
-def _store(state: RecordDict, key: str, arrays: NDArrays | None) -> None:
-    if arrays is None:
-        if key in state:
-            del state[key]
-        return
-    state[key] = ArrayRecord(numpy_ndarrays=[np.ascontiguousarray(a) for a in arrays])
 
 
 class FlowerClient(NumPyClient):
@@ -109,8 +96,8 @@ class FlowerClient(NumPyClient):
     ) -> None:
         self.cfg = cfg
         self.data = data
-        self.node = node  # for messages: "node 123 (partition 2)"
-        self.state = state  # this node's state across rounds: SCAFFOLD's c_i, compression residual
+        self.node_name = node  # for messages: "node 123 (partition 2)"
+        self.state = state  # Flower's node state (the store when the node config names no state-dir)
         self.rule = get_rule(cfg.strategy)
         self.kind = payload_kind(cfg)  # "weights", "delta" or "gradient"
         # What this node trains each round: the run's settings, fitted to its device (profile, node config).
@@ -120,7 +107,13 @@ class FlowerClient(NumPyClient):
         self.privacy = privacy_options(cfg)
         self.device = resolve_device(cfg.device)
         self.model = build_model(cfg.model, data.info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=True))
-        self.spec = weight_spec(self.model)
+        # Personalization: what stays on this node; only the shared part travels (the server's spec too).
+        self.personal = Personalizer(personal_options(cfg), self.model)
+        self.spec = self.personal.shared
+        # What this node keeps between messages (personal part, c_i, residual): node state or its state-dir.
+        self.store = open_store(cfg, state, node_config or {}, data.partition_id)
+        warn_if_lost_on_resume(cfg, self.store, kept_state(cfg))
+        self.node: NodeState | None = None
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return self._own(get_weights(self.model, self.spec))
@@ -131,11 +124,19 @@ class FlowerClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         self._check_agreement(config)
+        self.node = node = self.store.open(config, fit=True)  # what this node kept, as of the previous round
         n = len(self.spec)
         global_weights, control = parameters[:n], parameters[n:]  # SCAFFOLD: c follows the weights
         set_weights(self.model, self.spec, global_weights)
-        # The received model on the local validation split, before training changes it (no RNG is drawn).
-        evaluation = self._evaluate_loaded() if config.get(EVALUATE_BEFORE_FIT) else None
+        self.personal.restore(self.model, node)
+        evaluation = None
+        if config.get(EVALUATE_BEFORE_FIT):
+            # The received model on the local validation split, before training changes it, as an evaluate
+            # message would measure it (personal figures included); a personal evaluation may have trained or
+            # replaced the model (finetune, Ditto), so the received one is loaded again before training.
+            evaluation = self._evaluate_loaded(config, node, global_weights)
+            set_weights(self.model, self.spec, global_weights)
+            self.personal.restore(self.model, node)
         # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly; FedBuff may
         # give a node the same model version twice (REPEAT_KEY), which then shuffles anew.
         key = f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}"
@@ -144,11 +145,16 @@ class FlowerClient(NumPyClient):
         torch.manual_seed(seed)  # dropout and other random layers replay too (this is the client's process)
         loader = make_loader(self.data.train.x, self.data.train.y, self.work.batch_size, shuffle=True, seed=seed)
         payload, extras, metrics = self._local_work(global_weights, control, loader)
+        metrics.update(self.personal.after_fit(  # keeps the personal part; Ditto: a round of the personal model
+            self.model, node, global_weights, self._personal_loader(config, "ditto"), self.data.info.task,
+            self.options, self.device,
+        ))
         if self.privacy.client_dp:  # clip and noise the update (the server sent this round's norm and noise)
             payload, bits = privatize_update(self.privacy, config, payload)
             extras = extras + bits
-        wire, residual = compress(payload, self.codec, _load(self.state, RESIDUAL_KEY))
-        _store(self.state, RESIDUAL_KEY, residual)
+        wire, residual = compress(payload, self.codec, node.get(RESIDUAL_KEY))
+        node.put(RESIDUAL_KEY, residual)
+        node.commit()
         wire = wire + extras
         metrics.update(
             num_upload_bytes=wire_nbytes(wire),
@@ -163,14 +169,33 @@ class FlowerClient(NumPyClient):
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         self._check_agreement(config)
-        set_weights(self.model, self.spec, parameters[: len(self.spec)])
-        return self._evaluate_loaded()
+        self.node = node = self.store.open(config, fit=False)
+        received = parameters[: len(self.spec)]
+        set_weights(self.model, self.spec, received)
+        self.personal.restore(self.model, node)
+        return self._evaluate_loaded(config, node, received)
 
-    def _evaluate_loaded(self) -> tuple[float, int, dict[str, Scalar]]:
-        """The model as loaded now, on the local validation split: (loss, examples, metrics)."""
+    def _evaluate_loaded(
+        self, config: dict[str, Scalar], node: NodeState, received: NDArrays
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """The model as loaded now (and this node's personal model) on the local validation split: (loss, examples, metrics)."""
         loader = make_loader(self.data.val.x, self.data.val.y, self.cfg.batch_size, shuffle=False)
         loss, accuracy, n = evaluate(self.model, loader, self.data.info.task, self.device)
-        return loss, n, ({"accuracy": accuracy} if accuracy is not None else {})
+        metrics: dict[str, Scalar] = {"accuracy": accuracy} if accuracy is not None else {}
+        metrics.update(self.personal.evaluate_personal(  # the model this node would serve
+            self.model, node, received, self._personal_loader(config, "finetune"), loader, self.data.info.task,
+            self.options, self.device, (loss, accuracy),
+        ))
+        return loss, n, metrics
+
+    def _personal_loader(self, config: dict[str, Scalar], tag: str) -> Callable[[], torch.utils.data.DataLoader]:
+        """The personal training's loader, shuffled by (seed, round, partition, tag): the global update's is unchanged."""
+        def make() -> torch.utils.data.DataLoader:
+            seed = zlib.crc32(f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}:{tag}".encode())
+            torch.manual_seed(seed)
+            return make_loader(self.data.train.x, self.data.train.y, self.cfg.batch_size, shuffle=True, seed=seed)
+
+        return make
 
     def _check_agreement(self, config: dict[str, Scalar]) -> None:
         """Refuse to train or evaluate when this node's data disagrees with the server's (labels, shape, outputs)."""
@@ -180,7 +205,7 @@ class FlowerClient(NumPyClient):
         try:
             check_agreement(self.data, config, hint)
         except ValueError as err:
-            raise NodeDataError(f"{self.node} refuses to take part: {err}") from err
+            raise NodeDataError(f"{self.node_name} refuses to take part: {err}") from err
 
     def _local_work(
         self, global_weights: NDArrays, control: NDArrays, loader: torch.utils.data.DataLoader
@@ -192,9 +217,11 @@ class FlowerClient(NumPyClient):
             processed = min(len(self.data.train), batches * self.work.batch_size)
             return gradient, [], {"train_loss": loss, "local_steps": 1, WORK_METRIC: processed}
         # SCAFFOLD: this client's c_i, read once from node state (zeros before its first round).
-        own = (_load(self.state, CONTROL_KEY) or [np.zeros_like(c) for c in control]) if self.rule.scaffold else []
+        assert self.node is not None
+        shapes = [tuple(c.shape) for c in control]
+        own = (self.node.get(CONTROL_KEY, shapes) or [np.zeros_like(c) for c in control]) if self.rule.scaffold else []
         correction = self._scaffold_correction(control, own) if self.rule.scaffold else None
-        result = train(self.model, loader, self.data.info.task, self.options, self.device, correction)
+        result = self.personal.train(self.model, loader, self.data.info.task, self.options, self.device, correction)
         new_weights = get_weights(self.model, self.spec)
         extras: NDArrays = []
         if self.rule.scaffold:
@@ -229,7 +256,8 @@ class FlowerClient(NumPyClient):
         x = [w for w, t in zip(start, self.spec.trainable) if t]
         y = [w for w, t in zip(end, self.spec.trainable) if t]
         new_own, delta = scaffold_control_update(own, control, x, y, steps, self.options.learning_rate)
-        _store(self.state, CONTROL_KEY, new_own)
+        assert self.node is not None
+        self.node.put(CONTROL_KEY, new_own)
         return delta
 
 
@@ -260,7 +288,7 @@ def build_client(context: Context) -> FlowerClient:
             f"{type(err).__name__}: {err}"
         ) from err
     source = f"partition {data.partition_id}" if data.partition_id >= 0 else f"data-path {context.node_config['data-path']}"
-    return FlowerClient(cfg, data, context.state, work, node=f"node {context.node_id} ({source})")
+    return FlowerClient(cfg, data, context.state, work, context.node_config, node=f"node {context.node_id} ({source})")
 
 
 # ------------------------------------------------------------------------- arrays to and from Flower

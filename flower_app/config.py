@@ -18,6 +18,7 @@ from typing import Any, cast
 from strategies import STRATEGIES, get_rule
 from strategies.aggregators import AGGREGATOR_PARAMS_USED, AGGREGATOR_SPECS, AGGREGATORS, AggregatorParams
 from strategies.optimizers import OPTIMIZER_HPARAMS_USED
+from strategies.personalization import PERSONALIZATION, get_personalization
 
 Scalar = bool | int | float | str
 
@@ -88,6 +89,12 @@ def _profile_names() -> list[str]:
     return ["none", *PROFILE_FAMILIES]
 
 
+def _personalization_names() -> list[str]:
+    from strategies.personalization import PERSONALIZATION
+
+    return sorted(PERSONALIZATION)
+
+
 def _model_names() -> list[str]:
     from flower_app.task import FINETUNE_MODELS, MODELS
 
@@ -126,6 +133,18 @@ DEVICE_KEYS = (
     "device-availability", "device-availability-period", "device-trace", "device-work-budget",
 )
 AGGREGATOR_KEYS = tuple(AGGREGATOR_PARAM_KEYS.values())
+# Personalization keys and the `PersonalizationSpec` property that makes a method read each.
+PERSONAL_TRAINING_KEYS = ("personal-epochs", "personal-steps", "personal-learning-rate")
+PERSONALIZATION_KEYS = ("personal-modules", *PERSONAL_TRAINING_KEYS, "ditto-lambda")
+
+
+def personalization_keys(method: str) -> tuple[str, ...]:
+    """The keys of `PERSONALIZATION_KEYS` that the personalization ``method`` reads, from its spec."""
+    spec = get_personalization(method)
+    keys = ["personal-modules"] if spec.uses_modules else []
+    keys += list(PERSONAL_TRAINING_KEYS) if spec.personal_training else []
+    keys += ["ditto-lambda"] if spec.proximal else []
+    return tuple(keys)
 
 
 def rule_keys(strategy: str) -> tuple[str, ...]:
@@ -149,6 +168,7 @@ def _readers(key: str) -> str:
     families = (
         ("strategy", "strategies", list(STRATEGIES), RULE_KEYS, rule_keys),
         ("aggregator", "aggregators", list(AGGREGATORS), AGGREGATOR_KEYS, aggregator_keys),
+        ("personalization", "personalizations", list(PERSONALIZATION), PERSONALIZATION_KEYS, personalization_keys),
     )
     for one, many, names, family, keys_of in families:
         if key not in family:
@@ -409,6 +429,20 @@ class AppConfig:
         0.0, "simulated seconds of computation a device gets per round: at most budget x speed examples of steps "
         "(0 = no cap)", min=0.0,
     )
+    # --- personalization (strategies/personalization.py; README "Personalization") ---
+    personalization: str = _opt(
+        "none", "personalized FL: none, finetune, fedbn, fedper, fedrep or ditto (README \"Personalization\")",
+        choices=_personalization_names,
+    )
+    personal_modules: str = _opt(
+        "", "comma-separated modules that stay on each node (fedper, fedrep; '' = the model's last layer)"
+    )
+    personal_epochs: int = _opt(
+        1, "epochs of the personal training: fine-tuning (finetune), the personal model (ditto), the head (fedrep)", min=1
+    )
+    personal_steps: int = _opt(0, "at most this many optimizer steps of the personal training (0 = personal-epochs decide)", min=0)
+    personal_learning_rate: float = _opt(0.0, "learning rate of the personal training (0 = learning-rate)", min=0.0)
+    ditto_lambda: float = _opt(0.1, "Ditto's lambda: weight of (lambda/2)||v - w||^2 pulling the personal model to the global one", min=0.0)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -459,6 +493,7 @@ class AppConfig:
         self._check_privacy()
         self._check_server_data()
         self._check_scheduling()
+        self._check_personalization()
 
     def _check_model(self) -> None:
         """A registered model, or the syntax of an own factory's import path (imported only when the model is built)."""
@@ -554,6 +589,21 @@ class AppConfig:
                 f"and {reason}; raise num-partitions or min-fit-clients, or {change}"
             )
 
+    def _check_personalization(self) -> None:
+        """Personalized FL: the method must fit the update rule and the evaluation (from the registries' properties)."""
+        method, rule = get_personalization(self.personalization), get_rule(self.strategy)
+        if method.local_training_conflict and not rule.local_training:
+            fits = [name for name, r in STRATEGIES.items() if r.local_training]
+            raise ConfigError(
+                f"personalization '{self.personalization}' {method.local_training_conflict}, but strategy "
+                f"'{self.strategy}' sends a gradient without training locally; choose strategy {_one_of(fits)}"
+            )
+        if method.evaluation_only and self.fraction_evaluate == 0:
+            raise ConfigError(
+                f"personalization '{self.personalization}' acts only in federated evaluation, which "
+                "fraction-evaluate=0 switches off; set fraction-evaluate > 0"
+            )
+
     def _check_unread_keys(self) -> None:
         """A rule- or aggregator-specific key set to a non-default value that this run does not read is a mistake."""
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -561,6 +611,7 @@ class AppConfig:
         for what, family, read in (
             (f"strategy '{self.strategy}' (server optimizer '{optimizer}')", RULE_KEYS, rule_keys(self.strategy)),
             (f"aggregator '{self.aggregator}'", AGGREGATOR_KEYS, aggregator_keys(self.aggregator)),
+            (f"personalization '{self.personalization}'", PERSONALIZATION_KEYS, personalization_keys(self.personalization)),
         ):
             unread = [k for k in family if k not in read and getattr(self, _snake(k)) != defaults[_snake(k)]]
             if unread:

@@ -2,10 +2,10 @@
 
 server `strategy_options`, client training `train_options`, data `source_options` and
 `partition_options`, compression `compression_config`, fine-tuning `finetune_options`, privacy
-`privacy_options`, the scheduler `scheduler_options`, simulated devices `profile_options`, the work that
-fits a node `work_plan` (run config, device profile, node config), and the payload a client sends,
-`payload_kind`. No other module turns `AppConfig` fields into option objects; the ServerApp and the
-ClientApp both call these, so they agree.
+`privacy_options`, personalization `personal_options`, the scheduler `scheduler_options`, simulated
+devices `profile_options`, the work that fits a node `work_plan` (run config, device profile, node
+config), and the payload a client sends, `payload_kind`. No other module turns `AppConfig` fields into
+option objects; the ServerApp and the ClientApp both call these, so they agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from datasets import PartitionOptions, SourceOptions
 from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig, ConfigError
 from flower_app.gguf_cache import resolve_model
 from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
+from flower_app.personal import PersonalOptions
 from flower_app.task import TrainOptions
 from strategies import get_rule
 from strategies.aggregators import AggregatorParams
@@ -325,3 +326,15 @@ def work_plan(cfg: AppConfig, node_config: Mapping[str, Any], partition: int) ->
         if "node config" not in sources:
             sources.append("node config")
     return WorkPlan(**values, source=", ".join(sources) or "run config")
+
+
+def personal_options(cfg: AppConfig) -> PersonalOptions:
+    """Personalization: the method, which modules stay local, and the personal training's settings."""
+    return PersonalOptions(
+        method=cfg.personalization,
+        modules=split_names(cfg.personal_modules),
+        epochs=cfg.personal_epochs,
+        steps=cfg.personal_steps,
+        learning_rate=cfg.personal_learning_rate or cfg.learning_rate,
+        ditto_lambda=cfg.ditto_lambda,
+    )

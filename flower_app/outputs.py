@@ -353,6 +353,22 @@ class RunRecorder:
         raise WriteError(message, err.path, err.errno) from err
 
 
+# Per-client figures (strategies.client_metrics): colour by model, line style by figure.
+_PER_CLIENT_STYLE = {"mean": "--", "p10": ":", "p90": ":", "worst": "-."}
+_PER_CLIENT_MODELS = (("", "global", "tab:purple"), ("personal_", "personal", "tab:green"))
+
+
+def _plot_per_client(axes: Any, frame: pd.DataFrame) -> None:
+    """Each client counted once: mean, 10th percentile and worst (accuracy; loss for regression)."""
+    for metric, ax in (("accuracy", axes[1]), ("loss", axes[0])):
+        for prefix, model, color in _PER_CLIENT_MODELS:
+            for figure, style in _PER_CLIENT_STYLE.items():
+                column = f"clients_{prefix}{metric}_{figure}"
+                if column in frame and frame[column].notna().any():
+                    ax.plot(frame["round"], frame[column], linestyle=style, color=color, linewidth=1.2,
+                            label=f"{model} model, per client {figure}")
+
+
 def plot_metrics(frame: pd.DataFrame, path: Path) -> None:
     """Learning curves (loss, accuracy) and bytes per round, as a PNG."""
     import matplotlib
@@ -367,6 +383,7 @@ def plot_metrics(frame: pd.DataFrame, path: Path) -> None:
     for column, label in (("central_accuracy", "centralized"), ("federated_accuracy", "federated"), ("train_accuracy", "train")):
         if column in frame and frame[column].notna().any():
             axes[1].plot(frame["round"], frame[column], marker=".", label=label)
+    _plot_per_client(axes, frame)
     for column, label in (
         ("bytes_sent", "server to clients"),
         ("bytes_received", "clients to server"),
@@ -386,7 +403,7 @@ def plot_metrics(frame: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     try:

@@ -24,9 +24,11 @@ from flower_app.config import AppConfig, check_privacy_model, parse_run_config
 from flower_app.data import agreement_config, configured_model_info, model_info, server_source
 from flower_app.hf_models import is_finetune_model, save_pretrained
 from flower_app.instruct import instruction_evaluator
+from flower_app.node_state import RUN_NAME_CONFIG_KEY
 from flower_app.options import (
     PrivacyOptions,
     finetune_options,
+    personal_options,
     privacy_options,
     profile_options,
     scheduler_options,
@@ -34,6 +36,7 @@ from flower_app.options import (
     uses_scheduler,
 )
 from flower_app.outputs import RunRecorder
+from flower_app.personal import personal_split
 from flower_app.reply_poll import PollingGrid
 from flower_app.scheduler import SchedulerState, run_scheduled
 from flower_app.server_privacy import privacy_hooks
@@ -48,7 +51,6 @@ from flower_app.task import (
     resolve_device,
     resolve_model_name,
     set_weights,
-    weight_spec,
 )
 from strategies.base import EvaluateFn, FederatedStrategy, RoundObserver
 
@@ -92,15 +94,23 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
     else:
         info, agreed = model_info(source), source.class_names
     model = build_model(cfg.model, info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=False))
-    spec = weight_spec(model)
-    evaluate_fn = central_evaluation(cfg, source, model, spec, info) if source is not None else None
+    split = personal_split(personal_options(cfg), model)  # personalization: personal entries stay on the nodes
+    spec = split.shared  # what travels, is aggregated and checkpointed
+    # A model whose personal part stays on the nodes is incomplete on the server: no centralized evaluation.
+    evaluate_fn = None
+    if source is not None and not split.personal.keys:
+        evaluate_fn = central_evaluation(cfg, source, model, spec, info)
+    elif source is not None:
+        log(INFO, "personalization '%s': the personal part of the model stays on the nodes, so the server's model is "
+            "incomplete and is not evaluated centrally; federated evaluation reports each node's model", cfg.personalization)
 
     def save_model(weights: list[np.ndarray], path: Path, library_format: bool = True) -> None:
         set_weights(model, spec, weights)
         state = model.state_dict()
         pretrained = save_pretrained(model, path.parent) if library_format else None
-        if pretrained is not None or (not library_format and is_finetune_model(model)):
+        if pretrained is not None or (not library_format and is_finetune_model(model)) or split.personal.keys:
             # Transformers: adapter/ (or hf_model/) loads with peft / transformers; the .pt keeps what trained.
+            # Personalization: the personal entries are each node's own; the server's copies were never trained.
             state = {k: state[k].detach() for k in spec.keys}
         with open(path, "wb") as f:  # a Python file: a full disk is an OSError with its errno
             torch.save({k: v.cpu() for k, v in state.items()}, f)
@@ -113,6 +123,7 @@ def build_strategy(cfg: AppConfig, flower_run_id: int | None = None) -> tuple[Fe
         round_config=agreement_config(info, agreed),  # every node checks its data against these
     )
     recorder.start(strategy)  # output-dir/<run-name>/, locked; restores the checkpoint's state when resuming
+    strategy.client_config[RUN_NAME_CONFIG_KEY] = recorder.dir.name  # nodes key what they keep by the run's name
     return strategy, recorder.rounds_left
 
 

@@ -314,6 +314,8 @@ def train(
     options: TrainOptions,
     device: torch.device,
     control_correction: Sequence[torch.Tensor] | None = None,
+    params: Sequence[nn.Parameter] | None = None,
+    anchor: Sequence[torch.Tensor | None] | None = None,
 ) -> TrainResult:
     """Local SGD.
 
@@ -322,15 +324,57 @@ def train(
 
     With ``options.proximal_mu > 0`` the loss gains FedProx's (mu/2)||w - w_start||^2 (Li et al. 2020;
     `strategies.client_rules.proximal_term`).
-    ``control_correction`` (SCAFFOLD, Karimireddy et al. 2020) is ``c - c_i`` per trainable
+    ``control_correction`` (SCAFFOLD, Karimireddy et al. 2020) is ``c - c_i`` per trained
     parameter, added to each gradient before the step.
+
+    ``params`` are the parameters trained (default: every parameter with ``requires_grad``); the model's
+    other trainable parameters are held fixed for the call (personalization: FedRep trains the head, then
+    the body). ``control_correction`` and ``anchor`` follow ``params``. ``anchor`` is the proximal term's
+    centre per trained parameter (default: its value at the start of the call, FedProx; Ditto pulls the
+    personal model towards the received global one); a None entry has no term.
     """
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    frozen: list[nn.Parameter] = []
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        chosen = {id(p) for p in params}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
+    try:
+        for p in frozen:  # no gradient is computed for them (and none is left behind)
+            p.requires_grad_(False)
+        return _train(model, loader, task, options, device, control_correction, list(params), anchor)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _train(
+    model: nn.Module,
+    loader: DataLoader,
+    task: str,
+    options: TrainOptions,
+    device: torch.device,
+    control_correction: Sequence[torch.Tensor] | None,
+    params: list[nn.Parameter],
+    anchor: Sequence[torch.Tensor | None] | None,
+) -> TrainResult:
     optimizer = make_optimizer(params, options)
-    start = [p.detach().clone() for p in params] if options.proximal_mu > 0 else None
+    start: list[torch.Tensor] | None = None
+    proximal: list[nn.Parameter] = []
+    if options.proximal_mu > 0:
+        if anchor is None:
+            proximal, start = list(params), [p.detach().clone() for p in params]
+        else:
+            if len(anchor) != len(params):
+                raise ValueError(f"anchor has {len(anchor)} entries for {len(params)} trained parameters")
+            pairs = [(p, a) for p, a in zip(params, anchor) if a is not None]
+            proximal = [p for p, _ in pairs]
+            start = [a.detach().to(device=p.device, dtype=p.dtype) for p, a in pairs] if pairs else None
     criterion = loss_fn(task)
     corrections = [c.to(device) for c in control_correction] if control_correction is not None else None
+    if corrections is not None and len(corrections) != len(params):
+        raise ValueError(f"control_correction has {len(corrections)} tensors for {len(params)} trained parameters")
     total_loss, correct, seen, steps = 0.0, 0, 0, 0
     accum = options.grad_accumulation_steps
     optimizer.zero_grad(set_to_none=True)
@@ -344,7 +388,7 @@ def train(
                 loss = criterion(out.float(), y)
             objective = loss
             if start is not None:
-                objective = objective + proximal_term(params, start, options.proximal_mu)
+                objective = objective + proximal_term(proximal, start, options.proximal_mu)
             (objective / accum).backward()
             total_loss += loss.item() * len(y)
             seen += len(y)

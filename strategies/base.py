@@ -57,6 +57,7 @@ from flwr.server.strategy import Strategy
 
 from strategies import get_rule
 from strategies.aggregators import AGGREGATOR_SPECS, AggregatorParams, fednova_combine, get_aggregator
+from strategies.client_metrics import per_client_columns
 from strategies.compression import CompressionConfig, decompress
 from strategies.evaluation import EVALUATE_BEFORE_FIT, split_fit_evaluation
 from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
@@ -245,6 +246,8 @@ class FederatedStrategy(Strategy):
         self.round_config: dict[str, Scalar] = dict(round_config or {})
         self.selection_metric = selection_metric(evaluate_fn is not None)
         self.best: BestRound | None = None
+        # Sent with every fit and evaluate instruction (the app adds the run's name: nodes key their kept state by it).
+        self.client_config: dict[str, Scalar] = {}
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -296,7 +299,7 @@ class FederatedStrategy(Strategy):
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=rnd)
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
-        config: dict[str, Scalar] = {"server-round": rnd, **self.round_config}
+        config: dict[str, Scalar] = {"server-round": rnd, **self.round_config, **self.client_config}
         for hook in self.hooks:
             extra = hook.fit_config(rnd, self._num_available, len(clients))
             if extra is None:
@@ -360,7 +363,7 @@ class FederatedStrategy(Strategy):
             return []
         params = ndarrays_to_parameters(self.weights)
         record.bytes_sent += _nbytes(params) * len(clients)
-        config: dict[str, Scalar] = {"server-round": record.round, **self.round_config}
+        config: dict[str, Scalar] = {"server-round": record.round, **self.round_config, **self.client_config}
         return [(c, EvaluateIns(params, dict(config))) for c in clients]
 
     def aggregate_evaluate(
@@ -383,10 +386,12 @@ class FederatedStrategy(Strategy):
             record.extra["final_federated_loss"] = loss if loss is not None else math.nan
             record.extra["final_federated_accuracy"] = metrics.pop("accuracy", math.nan)
             record.extra.update({f"final_eval_{k}": v for k, v in metrics.items()})
+            record.extra.update({f"final_{k}": v for k, v in self._per_client(record, replies).items()})
         else:
             record.federated_loss = loss if loss is not None else math.nan
             record.federated_accuracy = metrics.pop("accuracy", math.nan)
             record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
+            record.extra.update(self._per_client(record, replies))
         self._finish_round()
         return loss, dict[str, Scalar](metrics)
 
@@ -410,6 +415,13 @@ class FederatedStrategy(Strategy):
             reason = _describe_error(err)
         log(WARNING, "round %d: ignored the %s of client %s: %s", record.round, what, cid, reason)
         return None
+
+    def _per_client(self, record: RoundRecord, replies: list[tuple[str, int, dict[str, int | float]]]) -> dict[str, float]:
+        """Each valid evaluation once: mean, 10th percentile and worst of its accuracy (loss for regression)."""
+        columns, problems = per_client_columns([m for _, _, m in replies])
+        for problem in problems:
+            log(WARNING, "round %d: per-client figures leave out %s", record.round, problem)
+        return columns
 
     def _combine_evaluations(
         self, record: RoundRecord, replies: list[tuple[str, int, dict[str, int | float]]]
@@ -484,6 +496,7 @@ class FederatedStrategy(Strategy):
         record.federated_accuracy = metrics.pop("accuracy", math.nan)
         record.extra.update({f"eval_{k}": v for k, v in metrics.items()})
         record.extra["federated_model_round"] = record.round - 1
+        record.extra.update(self._per_client(record, replies))
         if self.selection_metric == "federated_loss":  # it measured the weights before this round's step: still these
             self.best = update_best(self.best, record.round - 1, self.selection_metric, record.federated_loss, self.weights)
 
@@ -560,9 +573,10 @@ class FederatedStrategy(Strategy):
         log(
             INFO,
             "round %d done in %.1fs: central acc %.4f loss %.4f | federated acc %.4f loss %.4f | "
-            "%d results, %d failures, %d rejected",
+            "%d results, %d failures, %d rejected%s",
             record.round, record.seconds, record.central_accuracy, record.central_loss,
             record.federated_accuracy, record.federated_loss, record.results, record.failures, record.rejected,
+            _per_client_summary(record.extra),
         )
         self._notify(record)
 
@@ -910,6 +924,18 @@ class FederatedStrategy(Strategy):
             return self._refuse_step(record, f"the step would make {problem} non-finite (an update too large for float32)")
         self.opt_state, self.weights, self.scaffold_state = opt_state, new_weights, new_control
         return True
+
+
+def _per_client_summary(extra: Mapping[str, float]) -> str:
+    """`` | per client acc mean/p10/worst 0.81/0.52/0.40, personal ...`` for the round's log line ("" = none)."""
+    parts = []
+    for metric, label in (("accuracy", "acc"), ("personal_accuracy", "personal acc"), ("loss", "loss"),
+                          ("personal_loss", "personal loss")):
+        figures = [(f, extra.get(f"clients_{metric}_{f}")) for f in ("mean", "p10", "p90", "worst")]
+        shown = [(f, v) for f, v in figures if v is not None]
+        if shown:
+            parts.append(f"{label} {'/'.join(f for f, _ in shown)} {'/'.join(f'{v:.4f}' for _, v in shown)}")
+    return f" | per client {', '.join(parts)}" if parts else ""
 
 
 def _negated(update: NDArrays) -> NDArrays:
