@@ -165,6 +165,7 @@ def base_config(setting: Setting, num_clients: int, rounds: int) -> dict[str, Va
     return {
         **CLIENT, **MLP, "num-server-rounds": rounds, "num-partitions": num_clients, "fraction-fit": 1.0,
         "min-fit-clients": num_clients, "min-available-clients": num_clients, "fraction-evaluate": 1.0,
+        "federated-evaluation": "separate",  # each round ends with an evaluation of its own model
         "min-evaluate-clients": num_clients, "client-wait-timeout": 1.0, **setting.overrides,
     }
 

@@ -37,9 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 from flwr.common import ArrayRecord, RecordDict, Scalar
 
-from flower_app.checkpoint import FIXED_ON_RESUME
 from flower_app.config import AppConfig
-from flower_app.rundir import RUN_NAME_PATTERN, RUN_NAME_RULE, WriteError, atomic_write_bytes, describe_os_error
 from strategies import get_rule
 from strategies.compression import CODECS
 from strategies.personalization import get_personalization
@@ -62,6 +60,8 @@ class NodeStateError(RuntimeError):
 
 def fingerprint(cfg: AppConfig) -> dict[str, Scalar]:
     """The run-config values that fix what a node's kept arrays mean (those a resume may not change)."""
+    from flower_app.checkpoint import FIXED_ON_RESUME  # only with a state-dir: off the plain client's import path
+
     values = cfg.to_run_config()
     return {k: values[k] for keys in FIXED_ON_RESUME.values() for k in keys if k in values}
 
@@ -164,6 +164,8 @@ class DirectoryStore:
 
     # ----------------------------------------------------------------------------------------- internals
     def _run_and_round(self, config: Mapping[str, Scalar]) -> tuple[str, int]:
+        from flower_app.rundir import RUN_NAME_PATTERN, RUN_NAME_RULE
+
         run_name = config.get(RUN_NAME_CONFIG_KEY)
         if not isinstance(run_name, str) or not run_name:
             raise NodeStateError(
@@ -235,6 +237,8 @@ class DirectoryStore:
     def _write(self, folder: Path, rnd: int, arrays: dict[str, NDArrays]) -> None:
         if not arrays:
             return
+        from flower_app.rundir import WriteError, atomic_write_bytes, describe_os_error
+
         try:
             for directory in (folder.parent, folder):
                 directory.mkdir(mode=0o700, exist_ok=True)
@@ -258,6 +262,8 @@ class DirectoryStore:
         The server checkpointed round ``(t - 1) - (t - 1) % checkpoint-every`` or a later one before it sent round
         ``t``: a resume goes back at most to there.
         """
+        from flower_app.rundir import describe_os_error
+
         done = rnd - 1
         safe = done - done % self.checkpoint_every
         snapshots = self._snapshots(folder)

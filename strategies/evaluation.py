@@ -7,14 +7,14 @@ trains, and reports the result among its fit metrics under `LOSS`, `NUM_EXAMPLES
 a deployment) per client instead of two. The figure describes the model at the start of the
 round, i.e. after the previous round's aggregation (the initial model in round 1).
 
-The server takes these entries out of the fit metrics (`split_fit_evaluation`), checks each
-client's like an evaluate reply (`check_evaluation`) and combines the valid ones exactly as it
-combines evaluate replies (`strategies.base.aggregate_metrics`). Plain Python; no Flower, numpy or torch.
+The server takes these entries out of the fit metrics (`split_fit_evaluation`), then checks and
+combines each client's exactly as an evaluate reply (`strategies.base.FederatedStrategy`: the same
+count, loss and metric checks, the same count cap, the same per-client figures). Plain Python; no
+Flower, numpy or torch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 Scalar = bool | int | float | str | bytes
@@ -39,33 +39,3 @@ def split_fit_evaluation(metrics: Mapping[str, Scalar]) -> tuple[dict[str, Scala
     evaluation = {k[len(PREFIX):]: v for k, v in metrics.items() if k.startswith(PREFIX)}
     rest = {k: v for k, v in metrics.items() if not k.startswith(PREFIX)}
     return evaluation, rest
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def check_evaluation(evaluation: Mapping[str, Scalar]) -> str | None:
-    """Why a client's fit-time evaluation (prefix stripped) cannot be used, or None when it can.
-
-    The rules of an evaluate reply: a positive integer example count and a finite loss; an
-    accuracy, when reported, a number in [0, 1]; every other entry a finite number.
-    """
-    count = evaluation.get("num_examples")
-    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-        return f"{NUM_EXAMPLES} must be a positive integer, got {count!r}"
-    loss = _number(evaluation.get("loss"))
-    if loss is None or not math.isfinite(loss):
-        return f"{LOSS} must be a finite number, got {evaluation.get('loss')!r}"
-    if "accuracy" in evaluation:
-        accuracy = _number(evaluation["accuracy"])
-        if accuracy is None or not 0.0 <= accuracy <= 1.0:
-            return f"{ACCURACY} must be a number in [0, 1], got {evaluation['accuracy']!r}"
-    for key, value in evaluation.items():
-        number = _number(value)
-        if number is None or not math.isfinite(number):
-            return f"{PREFIX}{key} must be a finite number, got {value!r}"
-    return None
-

@@ -79,5 +79,6 @@ def test_the_shell_records_per_client_figures_next_to_the_weighted_mean(caplog: 
     assert extra["clients_accuracy_worst"] == pytest.approx(0.3)
     assert extra["clients_personal_accuracy_worst"] == pytest.approx(0.8)
     assert extra["eval_personal_accuracy"] == pytest.approx((100 * 0.95 + 10 * 0.8) / 110)  # the weighted mean stays
-    assert "per-client figures leave out client reply 2: accuracy must be in [0, 1], got 2.0" in caplog.text
+    # The reply's checks drop the accuracy before any figure sees it (the weighted mean and the per-client ones).
+    assert "client 2: evaluation metrics ignored: accuracy (must be an accuracy in [0, 1], got 2.0" in caplog.text
     assert "per client acc mean/p10/worst 0.6000/0.3600/0.3000, personal acc mean/p10/worst" in caplog.text

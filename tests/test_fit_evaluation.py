@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.common import RecordDict, ndarrays_to_parameters
+from flwr.common import Code, EvaluateRes, RecordDict, Status, ndarrays_to_parameters
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,7 @@ from strategies.evaluation import (
     EVALUATE_BEFORE_FIT,
     LOSS,
     NUM_EXAMPLES,
-    check_evaluation,
+    PREFIX,
     split_fit_evaluation,
 )
 from tests.strategy_utils import client_manager, fit_res
@@ -89,11 +89,13 @@ def test_the_shell_takes_valid_evaluations_out_of_the_fit_metrics_and_leaves_bad
     _, metrics = strategy.aggregate_fit(2, results, [])
     record = strategy._record
     assert record is not None
-    assert record.federated_loss == pytest.approx((10 * 1.0 + 30 * 3.0) / 40)
+    # As an evaluate reply: client 2 (NaN loss) is left out; client 3 keeps its loss, its accuracy of 1.5 is dropped.
+    assert record.federated_loss == pytest.approx((10 * 1.0 + 30 * 3.0 + 5 * 1.0) / 45)
     assert record.federated_accuracy == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
     assert record.extra["federated_model_round"] == 1
     assert not any(k.startswith("fed_eval") for k in metrics) and not any("fed_eval" in k for k in record.extra)
-    assert caplog.text.count("fit-time evaluation of client") == 2
+    assert caplog.text.count("ignored the fit-time evaluation of client 2: loss must be a finite number") == 1
+    assert caplog.text.count("client 3: fit-time evaluation metrics ignored: accuracy") == 1
     # No evaluate round before the last one; one after it.
     assert strategy.configure_evaluate(2, ndarrays_to_parameters(weights), manager) == []
     strategy.configure_fit(5, ndarrays_to_parameters(weights), manager)
@@ -101,17 +103,41 @@ def test_the_shell_takes_valid_evaluations_out_of_the_fit_metrics_and_leaves_bad
     assert len(strategy.configure_evaluate(5, ndarrays_to_parameters(weights), manager)) == 4
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(["loss", "num_examples", "accuracy", "other"]),
-                       st.one_of(st.integers(-3, 50), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=3))))
-def test_check_evaluation_accepts_exactly_what_an_evaluate_reply_may_hold(evaluation: dict) -> None:
-    reason = check_evaluation(evaluation)
-    n, loss, acc = evaluation.get("num_examples"), evaluation.get("loss"), evaluation.get("accuracy")
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    ok = (isinstance(n, int) and not isinstance(n, bool) and n > 0 and number(loss) and math.isfinite(loss)
-          and ("accuracy" not in evaluation or (number(acc) and 0 <= acc <= 1))
-          and all(number(v) and math.isfinite(v) for v in evaluation.values()))
-    assert (reason is None) == ok, (evaluation, reason)
+VALUES = st.one_of(st.integers(-3, 50), st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.text(max_size=3))
+EVALUATION = st.dictionaries(st.sampled_from(["loss", "num_examples", "accuracy", "other"]), VALUES)
+
+
+def _figures(strategy: FederatedStrategy) -> dict[str, float]:
+    record = strategy._record
+    assert record is not None
+    out = {"loss": record.federated_loss, "accuracy": record.federated_accuracy}
+    out.update({k: float(v) for k, v in record.extra.items() if k.startswith(("eval_", "clients_"))})
+    return out
+
+
+@settings(deadline=None, max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVALUATION, min_size=1, max_size=4))
+def test_a_fit_time_evaluation_counts_exactly_as_the_same_evaluate_reply(evaluations: list[dict]) -> None:
+    """Oracle: the shell's evaluate-reply checks. Whatever a client puts in its fit-time evaluation, the round's
+    federated figures are those of evaluate replies holding the same loss, count and metrics."""
+    weights = [np.zeros(2, np.float32)]
+    n = len(evaluations)
+    manager, proxies = client_manager(n)
+    options = {"min_fit_clients": n, "min_available_clients": n, "min_evaluate_clients": n}
+    fit = FederatedStrategy(StrategyOptions(**options, federated_evaluation="fit", num_rounds=9), weights, [True])
+    fit.configure_fit(2, ndarrays_to_parameters(weights), manager)
+    fit.aggregate_fit(2, [(proxies[i], fit_res(weights, 10, train_loss=1.0, **{PREFIX + k: v for k, v in e.items()}))
+                          for i, e in enumerate(evaluations)], [])
+    separate = FederatedStrategy(StrategyOptions(**options, federated_evaluation="separate"), weights, [True])
+    separate.configure_evaluate(1, ndarrays_to_parameters(weights), manager)
+    replies = [(proxies[i], EvaluateRes(Status(Code.OK, ""), e.get("loss"), e.get("num_examples"),  # type: ignore[arg-type]
+                                        {k: v for k, v in e.items() if k not in ("loss", "num_examples")}))
+               for i, e in enumerate(evaluations)]
+    separate.aggregate_evaluate(1, replies, [])
+    got, expected = _figures(fit), _figures(separate)
+    assert got.keys() == expected.keys(), (got, expected)
+    for key, value in expected.items():
+        assert value == got[key] or (math.isnan(value) and math.isnan(got[key])), (key, got, expected)
 
 
 def test_split_keeps_other_metrics() -> None:

@@ -165,7 +165,7 @@ def clients(cfg: AppConfig, state_root: Path | None) -> list[FlowerClient]:
         if state_root is not None:
             (state_root / f"node{i}").mkdir(parents=True, exist_ok=True)
             node_config["state-dir"] = str(state_root / f"node{i}")
-        out.append(FlowerClient(cfg, client_data(cfg, node_config), RecordDict(), node_config))
+        out.append(FlowerClient(cfg, client_data(cfg, node_config), RecordDict(), node_config=node_config))
     return out
 
 

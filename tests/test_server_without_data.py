@@ -47,10 +47,11 @@ def owner(run_config: dict[str, object], path: str, node_id: int) -> object:
                                 run_config=dict(run_config)))
 
 
+@pytest.mark.parametrize("mode", ["separate", "fit"])
 def test_the_server_loads_no_data_and_federated_evaluation_drives_metrics_and_the_best_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    run_config = base(tmp_path)
+    run_config = base(tmp_path, **{"federated-evaluation": mode})
     cfg = parse_run_config(run_config)
     with pytest.raises(FileNotFoundError, match="not-on-the-server.csv"):  # what held-out would have done
         build_strategy(parse_run_config({**run_config, "server-data": "held-out", "input-shape": "",
@@ -68,7 +69,7 @@ def test_the_server_loads_no_data_and_federated_evaluation_drives_metrics_and_th
     files = [write_csv(tmp_path / f"owner{i}.csv", labels, rows_per_label=10)
              for i, labels in enumerate([NAMES, ["fox", "cat"], ["dog", "cat", "fox"]])]
     clients = [owner(run_config, f, 21 + i) for i, f in enumerate(files)]
-    weights: dict[int, list[np.ndarray]] = {}
+    weights: dict[int, list[np.ndarray]] = {0: [w.copy() for w in strategy.weights]}
     strategy.observers.append(lambda record, s: weights.update({record.round: [w.copy() for w in s.weights]}))
     run_rounds(strategy, clients, rounds)
 
@@ -79,10 +80,17 @@ def test_the_server_loads_no_data_and_federated_evaluation_drives_metrics_and_th
     assert metrics["federated_loss"].notna().all() and metrics["federated_accuracy"].notna().all()
     assert (metrics["results"] == 3).all() and (metrics["failures"] == 0).all()
     assert (folder / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    best = int(metrics.loc[metrics["federated_loss"].idxmin(), "round"])
+    # Which model each federated loss measured: in mode "separate" the round's own; in mode "fit" the one the
+    # round started from (round r - 1), and the evaluate round after the last measures the final model.
+    rows = [int(r) for r in metrics["round"]]
+    losses = dict(zip(rows, metrics["federated_loss"])) if mode == "separate" else {
+        **{r - 1: loss for r, loss in zip(rows, metrics["federated_loss"])},
+        rows[-1]: float(metrics["final_federated_loss"].iloc[-1]),
+    }
+    best = min(losses, key=lambda r: (losses[r], r))
     info = json.loads((folder / BEST_INFO_NAME).read_text())
     assert (info["round"], info["metric"]) == (best, "federated_loss")
-    assert math.isclose(info["value"], metrics["federated_loss"].min(), rel_tol=1e-9)
+    assert math.isclose(info["value"], losses[best], rel_tol=1e-9)
     for array, tensor in zip(weights[best], torch.load(folder / BEST_MODEL_NAME, weights_only=True).values()):
         np.testing.assert_array_equal(array, tensor.numpy())
 
