@@ -202,19 +202,35 @@ SCRIPT_CMD = re.compile(r"python3? ((?:[\w-]+/)+[\w-]+\.py)")
 DOTTED = re.compile(rf"^((?:{'|'.join(REPO_PACKAGES)}|flwr)(?:\.[A-Za-z_]\w*)+(?::[A-Za-z_][\w.]*)?)(?:\(\))?$")
 
 
-def modules_named(text: str) -> Iterator[str]:
+SHORT = re.compile(r"^([a-z_][a-z0-9_]*)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(?:\(\))?$")  # `task.weight_spec`
+FILE_SUFFIXES = {"csv", "png", "json", "jsonl", "md", "py", "txt", "yaml", "yml", "toml", "pt", "npz", "log", "lock",
+                 "gguf", "safetensors", "template", "sh", "crt", "key", "secret", "pub", "conf", "whl", "tmp", "db"}
+
+
+def modules_named(text: str, root: Path = ROOT) -> Iterator[str]:
+    """Modules and attributes named: `python -m x.y`, `pkg.mod:attr`, `pkg.mod.attr`, and `mod.attr` for a
+    module file of one of the app's packages (`task.weight_spec` is flower_app/task.py's weight_spec)."""
     prose, blocks = split_markdown(text)
     for chunk in [prose, *blocks]:
         yield from MODULE_CMD.findall(chunk)
     for span in code_spans(prose):
-        match = DOTTED.match(span.strip())
+        span = span.strip()
+        if span.rsplit(".", 1)[-1] in FILE_SUFFIXES:
+            continue  # a file name: `strategies.csv`, `config.toml`
+        match = DOTTED.match(span)
         if match:
             yield match.group(1)
+            continue
+        short = SHORT.match(span)
+        if short:
+            owners = [pkg for pkg in ("flower_app", "strategies", "datasets") if (root / pkg / f"{short.group(1)}.py").is_file()]
+            if len(owners) == 1:
+                yield f"{owners[0]}.{short.group(1)}:{short.group(2)}"
 
 
 def check_modules(text: str, root: Path = ROOT) -> list[str]:
     problems = []
-    for name in sorted(set(modules_named(text))):
+    for name in sorted(set(modules_named(text, root))):
         if name.split(".")[0] not in REPO_PACKAGES and root != ROOT:
             continue
         why = resolve(name, root)
@@ -307,8 +323,8 @@ def test_the_docs_name_a_fair_number_of_things() -> None:
     text = (ROOT / "README.md").read_text()
     paths, modules = set(repo_paths(text)), set(modules_named(text))
     assert {"deploy/make_certs.py", "compose.yaml", "tests/test_own_model.py", "deploy/nginx/superlink-proxy.conf.template"} <= paths
-    assert {"flower_app.generate", "benchmarks.bench_llm", "pytest"} <= modules
-    assert len(paths) > 40 and len(modules) > 15
+    assert {"flower_app.generate", "flower_app.task:weight_spec", "strategies.scheduling.MODES", "pytest"} <= modules
+    assert len(paths) > 40 and len(modules) > 12
     assert ("flower_app.generate", ["--base", "--adapter", "--max-new-tokens", "--prompt"]) in list(commands(text))
     assert len(anchors(text)) > 40
 
@@ -326,7 +342,7 @@ def test_run_config_table_is_the_generated_one() -> None:
 
 
 def test_node_config_table_names_every_node_config_key() -> None:
-    from flower_app.client_app import NODE_WORK_KEYS
+    from flower_app.options import NODE_WORK_KEYS
     from flower_app.data import DATA_CACHE_NODE_KEY
     from flower_app.node_state import STATE_DIR_KEY
     from flower_app.threads import NODE_KEY
@@ -370,6 +386,31 @@ def test_quick_start_keeps_the_one_line_setup() -> None:
     assert "pkill" not in readme.replace("Never `pkill -f flower-superlink`", "")
 
 
+CITATION = re.compile(r'README(?:\.md)?[ ,(]+\\?"([A-Z][^"\\\n]*)\\?"')  # README "Privacy", README, "Docker", README.md ("Run config")
+CITING_FILES = ("*.py", "*.toml", "*.yaml", "*.sh", "*.template", "Dockerfile", ".ci/run")
+
+
+def readme_citations(root: Path = ROOT) -> Iterator[tuple[Path, str]]:
+    """(file, section) for every README section a file of the repository cites by name."""
+    for top in REPO_TOP:
+        base = root / top
+        files = [base] if base.is_file() else [f for pattern in CITING_FILES for f in base.rglob(pattern)] if base.is_dir() else []
+        for file in files:
+            if file.name == "test_readme.py" or not file.is_file():
+                continue
+            for section in CITATION.findall(file.read_text(errors="replace")):
+                yield file, section
+
+
+def test_sections_cited_elsewhere_exist() -> None:
+    """Code, configs and the Docker files cite README sections by name (README "Privacy"): they exist."""
+    names = anchors((ROOT / "README.md").read_text())
+    cited = list(readme_citations())
+    assert len(cited) > 20
+    missing = sorted({f"{file.relative_to(ROOT)}: README \"{section}\"" for file, section in cited if slug(section) not in names})
+    assert not missing, "README sections cited but absent:\n" + "\n".join(missing)
+
+
 # ----------------------------------------------------------------------------- the checks can fail
 def test_the_checks_catch_made_up_mistakes(tmp_path: Path) -> None:
     (tmp_path / "flower_app").mkdir()
@@ -383,7 +424,8 @@ def test_the_checks_catch_made_up_mistakes(tmp_path: Path) -> None:
 
 ## Real section
 
-See [the section](#real-section), `flower_app/real.py`, `flower_app.real:build` and `flower_app.real.build`.
+See [the section](#real-section), `flower_app/real.py`, `flower_app.real:build`, `flower_app.real.build`,
+`real.build` and `real.csv`.
 
 ```bash
 python -m flower_app.real --rounds 3
@@ -395,7 +437,7 @@ python deploy/tool.py --out certs
 ## Real section
 
 See [a section](#no-such-section), [a file](missing/file.md), `flower_app/gone.py`, `deploy/*.sh`,
-`flower_app.real:nothing`, `flower_app.absent.thing` and `outputs/<run-name>/metrics.csv` (not checked).
+`flower_app.real:nothing`, `flower_app.absent.thing`, `real.gone` and `outputs/<run-name>/metrics.csv` (not checked).
 
 ```bash
 python -m flower_app.real --rounds 3 --no-such-flag
@@ -408,7 +450,7 @@ python deploy/tool.py --out certs --force
     problems = check_doc(bad, doc, tmp_path)
     expected = [
         "#no-such-section", "missing/file.md", "flower_app/gone.py", "deploy/*.sh", "'flower_app.real:nothing'",
-        "'flower_app.absent.thing'", "'flower_app.missing'", "--no-such-flag", "--force",
+        "'flower_app.absent.thing'", "'flower_app.real:gone'", "'flower_app.missing'", "--no-such-flag", "--force",
     ]
     for fragment in expected:
         assert any(fragment in p for p in problems), f"not caught: {fragment}\n{problems}"
@@ -422,6 +464,8 @@ def test_slugs_follow_github() -> None:
     assert slug("metrics.csv columns") == "metricscsv-columns"
     assert slug("Where a deployment round's time goes") == "where-a-deployment-rounds-time-goes"
     assert anchors("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}
+    assert CITATION.findall('# (README, "Docker") and README "Privacy"; "x (README \\"Your own model\\")"') == [
+        "Docker", "Privacy", "Your own model"]
 
 
 def test_installed_flwr_names_resolve_and_wrong_ones_do_not() -> None:
