@@ -342,15 +342,24 @@ def test_run_config_table_is_the_generated_one() -> None:
 
 
 def test_node_config_table_names_every_node_config_key() -> None:
-    from flower_app.options import NODE_WORK_KEYS
     from flower_app.data import DATA_CACHE_NODE_KEY
     from flower_app.node_state import STATE_DIR_KEY
+    from flower_app.options import NODE_WORK_KEYS
     from flower_app.threads import NODE_KEY
 
     text = (ROOT / "README.md").read_text()
     section = text.split("### Node-config keys", 1)[1].split("\n### ", 1)[0]
     for key in ["partition-id", "num-partitions", "data-path", DATA_CACHE_NODE_KEY, STATE_DIR_KEY, NODE_KEY, *NODE_WORK_KEYS]:
         assert f"`{key}`" in section, f"README 'Node-config keys' lacks {key}"
+
+
+def test_data_guide_names_every_source() -> None:
+    from datasets.registry import SOURCES
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Your own data", 1)[1].split("\n### ", 1)[0]
+    missing = [name for name in SOURCES if f"| `{name}`" not in section and f", `{name}`" not in section]
+    assert not missing, f"README 'Your own data' lacks the sources {missing}"
 
 
 def test_metrics_table_names_every_fixed_column() -> None:
