@@ -247,7 +247,8 @@ def commands(text: str) -> Iterator[tuple[str, list[str]]]:
         for line in chunk.split("\n"):
             for match in [*MODULE_CMD.finditer(line), *SCRIPT_CMD.finditer(line)]:
                 target = match.group(1)
-                tail = re.split(r"&&|\|\||[|;&>#]|\)", line[match.end():])[0]
+                # up to the end of the command: &&, ||, a pipe, ;, a background &, a redirection, a comment
+                tail = re.split(r"&&|\|\||[|;)]|\s&(?:\s|$)|\s\d?>|\s#", line[match.end():])[0]
                 options = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", tail)
                 yield target, options
 
@@ -315,6 +316,14 @@ def run_config_table() -> str:
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_everything_the_docs_name_exists(doc: Path) -> None:
     problems = check_doc(doc.read_text(), doc)
+    assert not problems, "\n".join(problems)
+
+
+def test_deployment_files_name_existing_paths() -> None:
+    """compose.yaml, the Dockerfile and deploy/ name repository files (tests among them) that exist."""
+    files = [ROOT / "compose.yaml", ROOT / "Dockerfile", ROOT / ".dockerignore",
+             *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
+    problems = [f"{f.relative_to(ROOT)}: {p}" for f in files for p in check_paths("```\n" + f.read_text() + "\n```")]
     assert not problems, "\n".join(problems)
 
 
@@ -437,8 +446,8 @@ See [the section](#real-section), `flower_app/real.py`, `flower_app.real:build`,
 `real.build` and `real.csv`.
 
 ```bash
-python -m flower_app.real --rounds 3
-python deploy/tool.py --out certs
+python -m flower_app.real --rounds 3 > /tmp/log 2>&1 # --not-an-option
+python deploy/tool.py --out certs &
 ```
 """
     bad = """# Title
@@ -451,7 +460,7 @@ See [a section](#no-such-section), [a file](missing/file.md), `flower_app/gone.p
 ```bash
 python -m flower_app.real --rounds 3 --no-such-flag
 python -m flower_app.missing
-python deploy/tool.py --out certs --force
+python deploy/tool.py --out outputs/<run-name>/x --force
 ```
 """
     doc.write_text(good)
