@@ -1,7 +1,7 @@
 """Faults in a real deployment on localhost: a SuperNode killed mid-round, malformed updates, a
 node whose data file is missing, and SuperNodes that each train on their own file.
 
-One deployment, as README's "Deploy on one machine" starts it (insecure, `flower-superlink`,
+One deployment, as README's "On one machine" starts it (insecure, `flower-superlink`,
 `flower-supernode`, `flwr run`), with six SuperNodes on a tabular CSV task:
 
     node   node-config                          what it does
