@@ -560,7 +560,10 @@ class AppConfig:
 
         With num-partitions > 0 every client trains on one of num-partitions partitions, so at most that many
         connect; a round samples max(fraction-fit x available, min-fit-clients) of them (`FederatedStrategy`).
+        With mode 'async' every server step aggregates exactly async-buffer-size updates (FedBuff's K).
         """
+        if self.mode == "async":
+            return self.async_buffer_size
         p = self.num_partitions
         if p == 0:
             return None
@@ -582,6 +585,11 @@ class AppConfig:
         reason = spec.requirement(n, params) or spec.weakness(n, params)
         keys = aggregator_keys(self.aggregator)
         change = f"change {', '.join(keys)}" if keys else "choose another aggregator"
+        if reason and self.mode == "async":
+            raise ConfigError(
+                f"aggregator '{self.aggregator}' can never do its job here: every FedBuff server step aggregates "
+                f"async-buffer-size={n} updates, and {reason}; raise async-buffer-size, or {change}"
+            )
         if reason:
             raise ConfigError(
                 f"aggregator '{self.aggregator}' can never do its job here: a round has at most {n} clients "

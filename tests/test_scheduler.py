@@ -291,6 +291,8 @@ def test_fedbuff_runs_every_rule_and_aggregator(tmp_path: Path, rule: str, aggre
         extra["server-learning-rate"] = 0.03
     if aggregator in ("krum", "multi-krum"):
         extra["num-byzantine"] = 0
+    if aggregator == "trimmed-mean":
+        extra["trim-fraction"] = 0.34  # trims one update at each end of a step's 3 (0.2 trims none: refused)
     if not STRATEGIES[rule].local_training:
         extra["local-epochs"] = AppConfig().local_epochs  # a gradient rule reads no local-training key
     rc = config(tmp_path / "a", 4, **{"mode": "async", "device-profiles": "mild", "async-concurrency": 4,
@@ -302,6 +304,16 @@ def test_fedbuff_runs_every_rule_and_aggregator(tmp_path: Path, rule: str, aggre
     assert trained["rejected"].sum() == 0 and trained["failures"].sum() == 0
     assert all(math.isfinite(float(np.abs(w).sum())) for w in strategy.weights)
     assert any(not np.array_equal(a, b) for a, b in zip(strategy.weights, _initial_weights(rc)))
+
+
+def test_fedbuff_refuses_an_aggregator_that_its_buffer_can_never_satisfy(tmp_path: Path) -> None:
+    # Whatever the federation's size, each server step aggregates async-buffer-size updates.
+    rc = config(tmp_path, 20, **{"mode": "async", "device-profiles": "mild", "async-buffer-size": 3,
+                                 "aggregator": "trimmed-mean", "trim-fraction": 0.2})
+    with pytest.raises(ConfigError, match=r"every FedBuff server step aggregates async-buffer-size=3 updates, and "
+                                          r"trim-fraction 0.2 of n=3 .*raise async-buffer-size, or change trim-fraction"):
+        parse_run_config(rc)
+    parse_run_config({**rc, "async-buffer-size": 5})  # floor(0.2 x 5) = 1 at each end
 
 
 # --------------------------------------------------------------------------------------------- config
