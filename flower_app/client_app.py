@@ -42,10 +42,10 @@ from flwr.common import (
     Status,
 )
 
-from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
-from flower_app.config import AppConfig, parse_run_config
 from datasets import FeatureTransform
 from datasets.labels import unpack_class_names
+from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
+from flower_app.config import AppConfig, parse_run_config
 from flower_app.data import (
     CLASS_NAMES_KEY,
     STATS_REQUEST_KEY,
@@ -174,9 +174,11 @@ class FlowerClient(NumPyClient):
     def _statistics(self, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """The statistics round: this node's statistics of its raw train split (`flower_app.data.statistics_reply`)."""
         try:
-            return statistics_reply(self.raw, config, self.privacy.secagg_clipping_range, self.privacy.secagg_max_weight)
+            arrays, n, metrics = statistics_reply(self.raw, config, self.privacy.secagg_clipping_range,
+                                                  self.privacy.secagg_max_weight)
         except ValueError as err:
             raise NodeDataError(f"{self.node_name} cannot send statistics: {err}") from err
+        return arrays, n, dict[str, Scalar](metrics)
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return self._own(get_weights(self.model, self.spec))

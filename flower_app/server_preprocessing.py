@@ -229,7 +229,7 @@ class FederatedStatistics:
     def round_config(self) -> dict[str, Scalar]:
         if self.transform is None:
             return {}
-        config = transform_config(self.transform)
+        config: dict[str, Scalar] = {**transform_config(self.transform)}
         if self.class_names is not None:
             config[CLASS_NAMES_KEY] = json.dumps(list(self.class_names))
         return config
