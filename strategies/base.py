@@ -243,7 +243,7 @@ class FederatedStrategy(Strategy):
         self.statistics = statistics
         names = [h.name for h in self.hooks] + ([statistics.name] if statistics is not None else [])
         if len(set(names)) != len(names) or set(names) & set(STATE_KEYS):
-            raise ValueError(f"hook and step names {names} must be distinct and differ from the strategy's own state keys {STATE_KEYS}")
+            raise ValueError(f"hook names (and the statistics step's) {names} must be distinct and differ from the strategy's own state keys {STATE_KEYS}")
         self.opt_state = self.optimizer.init(self.weights, self.trainable)
         self.scaffold_state: ScaffoldState | None = (
             scaffold_init(self._trainable_part(self.weights)) if self.rule.scaffold else None
