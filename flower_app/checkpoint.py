@@ -70,6 +70,10 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...]] = {
         # personalization: which entries travel (the checkpoint's weights) and what the nodes keep
         "personalization", "personal-modules",
     ),
+    # The features the model was trained on: the agreed transform is in the checkpoint (federated preprocessing).
+    "the transform of the features (its statistics are in the checkpoint)": (
+        "preprocessing", "preprocessing-kind", "preprocessing-offset", "preprocessing-scale",
+    ),
     # FedBuff's checkpoint holds the clients in flight and the model versions they started from; a sync run's
     # holds none. The simulated devices are the data the simulated clock is made of.
     "what the scheduler's state in the checkpoint is": ("mode",),

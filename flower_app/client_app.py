@@ -42,15 +42,28 @@ from flwr.common import (
     Status,
 )
 
+from datasets import FeatureTransform
+from datasets.labels import unpack_class_names
 from flower_app.client_privacy import client_mods, private_fit_report, privatize_update
 from flower_app.config import AppConfig, parse_run_config
-from flower_app.data import ClientData, check_agreement, client_data, label_counts
+from flower_app.data import (
+    CLASS_NAMES_KEY,
+    STATS_REQUEST_KEY,
+    ClientData,
+    check_agreement,
+    client_data,
+    config_transform,
+    label_counts,
+    prepared_data,
+    statistics_reply,
+)
 from flower_app.node_state import NodeState, kept_state, open_store, warn_if_lost_on_resume
 from flower_app.options import (
     REPEAT_KEY,
     WORK_METRIC,
     WorkPlan,
     compression_config,
+    configured_transform,
     finetune_options,
     payload_kind,
     personal_options,
@@ -106,14 +119,66 @@ class FlowerClient(NumPyClient):
         self.codec = compression_config(cfg)
         self.privacy = privacy_options(cfg)
         self.device = resolve_device(cfg.device)
-        self.model = build_model(cfg.model, data.info, cfg.hidden_size, seed=cfg.seed, finetune=finetune_options(cfg, cache=True))
-        # Personalization: what stays on this node; only the shared part travels (the server's spec too).
-        self.personal = Personalizer(personal_options(cfg), self.model)
-        self.spec = self.personal.shared
+        # Federated / fixed preprocessing: ``data`` is the raw partition; the agreed transform (the fit or evaluate
+        # config's, or the run config's for 'fixed') is applied to it before the first round that uses it.
+        self.raw = data
+        self._prepared_for: tuple[FeatureTransform | None, str | None] = (None, None)
+        if cfg.preprocessing == "fixed":
+            self._prepare({})
+        self._build_model()
         # What this node keeps between messages (personal part, c_i, residual): node state or its state-dir.
         self.store = open_store(cfg, state, node_config or {}, data.partition_id)
         warn_if_lost_on_resume(cfg, self.store, kept_state(cfg))
         self.node: NodeState | None = None
+
+    def _build_model(self) -> None:
+        self.model = build_model(self.cfg.model, self.data.info, self.cfg.hidden_size, seed=self.cfg.seed,
+                                 finetune=finetune_options(self.cfg, cache=True))
+        # Personalization: what stays on this node; only the shared part travels (the server's spec too).
+        self.personal = Personalizer(personal_options(self.cfg), self.model)
+        self.spec = self.personal.shared
+
+    def _prepare(self, config: Mapping[str, Any]) -> None:
+        """Apply the agreed transform (and class names) to the raw partition, once per agreement.
+
+        Preprocessing 'federated' takes both from the server's config (a config without them means the server
+        and this node run different configs); 'fixed' from its own run config unless the server sends one.
+        """
+        if self.cfg.preprocessing == "local":
+            return
+        try:
+            transform = config_transform(config)
+        except ValueError as err:
+            raise NodeDataError(f"{self.node_name} refuses to take part: {err}") from err
+        if transform is None and self.cfg.preprocessing == "fixed":
+            transform = configured_transform(self.cfg)
+        if transform is None:
+            raise NodeDataError(
+                f"{self.node_name} refuses to take part: preprocessing 'federated' but the server sent no agreed "
+                "transform (the server and this node run different run configs)"
+            )
+        names = config.get(CLASS_NAMES_KEY) if self.cfg.preprocessing == "federated" and not self.cfg.class_names else None
+        key = (transform, names if isinstance(names, str) else None)
+        if key == self._prepared_for:
+            return
+        agreed = unpack_class_names(key[1]) if key[1] is not None else None
+        try:
+            data = prepared_data(self.raw, transform, agreed)
+        except ValueError as err:
+            raise NodeDataError(f"{self.node_name} refuses to take part: {err}") from err
+        rebuild = hasattr(self, "model") and data.info != self.data.info  # the agreed class list sized the model
+        self.data, self._prepared_for = data, key
+        if rebuild:
+            self._build_model()
+
+    def _statistics(self, config: Mapping[str, Any]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """The statistics round: this node's statistics of its raw train split (`flower_app.data.statistics_reply`)."""
+        try:
+            arrays, n, metrics = statistics_reply(self.raw, config, self.privacy.secagg_clipping_range,
+                                                  self.privacy.secagg_max_weight)
+        except ValueError as err:
+            raise NodeDataError(f"{self.node_name} cannot send statistics: {err}") from err
+        return arrays, n, dict[str, Scalar](metrics)
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return self._own(get_weights(self.model, self.spec))
@@ -123,6 +188,9 @@ class FlowerClient(NumPyClient):
         return arrays if self.send_views else [a.copy() for a in arrays]
 
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        if STATS_REQUEST_KEY in config:  # federated preprocessing's statistics round: no training
+            return self._statistics(config)
+        self._prepare(config)
         self._check_agreement(config)
         self.node = node = self.store.open(config, fit=True)  # what this node kept, as of the previous round
         n = len(self.spec)
@@ -168,6 +236,7 @@ class FlowerClient(NumPyClient):
         return wire, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        self._prepare(config)
         self._check_agreement(config)
         self.node = node = self.store.open(config, fit=False)
         received = parameters[: len(self.spec)]

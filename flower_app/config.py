@@ -262,6 +262,26 @@ class AppConfig:
         32, "image-folder: images are resized to image-size x image-size pixels (all held in memory: 256 is 0.75 MiB each)",
         min=8, max=256,
     )
+    # --- federated preprocessing (README "Federated preprocessing") ---
+    preprocessing: str = _opt(
+        "local", "feature normalization: local (each node normalizes with its own statistics, or the source's published "
+        "constants), federated (a statistics step before round 1 merges every node's statistics into one transform "
+        "that every node and the server apply), fixed (the transform given by preprocessing-offset and "
+        "preprocessing-scale)", choices=("local", "federated", "fixed"),
+    )
+    preprocessing_kind: str = _opt(
+        "standardize", "federated / fixed preprocessing: standardize ((x - mean) / std) or min-max ((x - min) / "
+        "(max - min)), per feature or image channel", choices=("standardize", "min-max"),
+    )
+    preprocessing_offset: str = _opt(
+        "", "fixed: the transform's offset of each feature or image channel, comma-separated; federated with "
+        "secure-aggregation: a rough public centre of each feature that SecAgg+'s sums are taken relative to "
+        "('' = from the server's held-out data; 0 for images)"
+    )
+    preprocessing_scale: str = _opt(
+        "", "fixed: the transform's scale (> 0) of each feature or image channel, comma-separated; federated with "
+        "secure-aggregation: a rough public spread of each feature ('' = as preprocessing-offset)"
+    )
     # --- model ---
     model: str = _opt(
         "auto", "model: auto (cnn for images, mlp for tabular, linear for regression), a registered name, or your "
@@ -494,6 +514,69 @@ class AppConfig:
         self._check_server_data()
         self._check_scheduling()
         self._check_personalization()
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        """Federated and fixed preprocessing: what each reads, and what cannot run with it."""
+        from datasets import SOURCE_KINDS, FeatureTransform
+
+        keys = ("preprocessing-kind", "preprocessing-offset", "preprocessing-scale")
+        changed = [k for k in keys if getattr(self, _snake(k)) != FIELD_DEFAULTS[k]]
+        if self.preprocessing == "local":
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} read by preprocessing 'federated' or "
+                    "'fixed'; preprocessing is 'local' (each node its own statistics): set preprocessing, or leave "
+                    f"{'it' if len(changed) == 1 else 'them'} at the default"
+                )
+            return
+        kind = SOURCE_KINDS[self.dataset]
+        if kind.input_kind == "tokens":
+            raise ConfigError(
+                f"preprocessing '{self.preprocessing}': dataset '{self.dataset}' holds token ids, which are not "
+                "normalized; leave preprocessing at 'local'"
+            )
+        given = bool(self.preprocessing_offset) or bool(self.preprocessing_scale)
+        if given and not (self.preprocessing_offset and self.preprocessing_scale):
+            raise ConfigError("preprocessing-offset and preprocessing-scale go together: set both (one value per "
+                              "feature or image channel) or neither")
+        if given:
+            try:
+                FeatureTransform.from_strings(self.preprocessing_kind, self.preprocessing_offset, self.preprocessing_scale)
+            except ValueError as err:
+                raise ConfigError(f"preprocessing-offset / preprocessing-scale: {err}") from err
+        if self.preprocessing == "fixed":
+            if not given:
+                raise ConfigError(
+                    "preprocessing 'fixed' applies the transform of preprocessing-offset and preprocessing-scale: set "
+                    "both, one value per feature or image channel (e.g. the 'offset' and 'scale' of an earlier run's "
+                    "preprocessing.json)"
+                )
+            return
+        if self.mode != "sync":
+            raise ConfigError(
+                f"preprocessing 'federated' needs one statistics round in which the sampled nodes all report, before "
+                f"training starts; mode '{self.mode}' (FedBuff) has no such round: use mode='sync', or preprocessing="
+                "'fixed' with the offset and scale of a sync run's preprocessing.json"
+            )
+        if not self.secure_aggregation:
+            if given:
+                raise ConfigError(
+                    "preprocessing-offset / preprocessing-scale are read by preprocessing 'fixed', and by 'federated' "
+                    "only with secure-aggregation (as the public reference of SecAgg+'s sums); leave them empty"
+                )
+            return
+        if self.preprocessing_kind == "min-max":
+            raise ConfigError(
+                "preprocessing 'federated' with secure-aggregation: min-max scaling needs each feature's min and max, "
+                "which are not sums, and SecAgg+ reveals only sums; use preprocessing-kind='standardize'"
+            )
+        if kind.labels_from_files and not self.class_names:
+            raise ConfigError(
+                f"preprocessing 'federated' with secure-aggregation: dataset '{self.dataset}' takes its labels from "
+                "each node's files, and agreeing on them would reveal each node's label names, which SecAgg+ cannot "
+                "hide; set class-names to the full list"
+            )
 
     def _check_model(self) -> None:
         """A registered model, or the syntax of an own factory's import path (imported only when the model is built)."""

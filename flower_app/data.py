@@ -24,14 +24,20 @@ import torch
 # Simulation keeps client processes (Ray actors) alive across rounds: sources load once per process.
 from datasets import (
     SOURCE_KINDS,
+    FeatureTransform,
     Source,
     SourceOptions,
     TensorData,
     check_class_names,
+    feature_stats,
     load_partition,
     load_source_cached,
     parse_class_names,
+    sum_stats,
+    transform_data,
 )
+from datasets.core import STANDARDIZE
+from datasets.labels import pack_class_names
 from datasets.prepared import DiskCache, cache_key, code_fingerprint, path_fingerprint
 from flower_app.config import AppConfig, ConfigError, Scalar, parse_input_shape
 from flower_app.options import partition_options, source_options
@@ -298,3 +304,100 @@ def check_agreement(data: ClientData, config: Mapping[str, object], hint: str = 
             raise ValueError(
                 f"its data is {data.info.describe()}, but the server's model was built for {server.describe()}{hint}"
             )
+
+
+# ----------------------------------------------------- federated preprocessing: what travels, the node's side
+# The statistics round (README "Federated preprocessing"): the fit config asks for statistics instead of
+# training; the reply's one array is the node's statistics of its raw train split (`datasets.preprocessing`).
+STATS_REQUEST_KEY = "preprocessing-statistics"  # "features": FeatureStats; "sums": SumStats per observation (SecAgg+)
+STATS_FEATURES, STATS_SUMS = "features", "sums"
+REFERENCE_KEYS = ("preprocessing-reference-offset", "preprocessing-reference-scale")  # SumStats' public reference
+LABELS_REQUEST_KEY = "preprocessing-labels"  # True: report the class names the node holds (merged into the agreed list)
+LABELS_METRIC = "preprocessing_labels"  # the reply's metric: a JSON list of class names
+# Every later fit and evaluate config: the agreed transform, as `FeatureTransform.to_strings` writes it.
+TRANSFORM_KEYS = ("agreed-transform-kind", "agreed-transform-offset", "agreed-transform-scale")
+
+
+def transform_config(transform: FeatureTransform) -> dict[str, Scalar]:
+    """The agreed transform as fit/evaluate config entries (text that reads back exactly)."""
+    return dict(zip(TRANSFORM_KEYS, transform.to_strings()))
+
+
+def config_transform(config: Mapping[str, object], keys: Sequence[str] = TRANSFORM_KEYS) -> FeatureTransform | None:
+    """The transform a config carries under ``keys`` (kind, offset, scale; or offset, scale: standardize), or None.
+
+    Raises:
+        ValueError: If some keys are there and others not, or the values are not a transform.
+    """
+    values = [config.get(k) for k in keys]
+    if all(v is None for v in values):
+        return None
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"the server sent an incomplete or ill-typed transform: {dict(zip(keys, values))}")
+    if len(values) == 2:
+        return FeatureTransform.from_strings(STANDARDIZE, *values)  # type: ignore[arg-type]
+    return FeatureTransform.from_strings(*values)  # type: ignore[arg-type]
+
+
+def held_class_names(data: ClientData) -> tuple[str, ...]:
+    """The class names of the labels this node holds (train and validation split), in index order."""
+    if data.class_names is None:
+        return ()
+    held = np.union1d(np.unique(data.train.y.numpy()), np.unique(data.val.y.numpy()))
+    return tuple(data.class_names[int(i)] for i in held)
+
+
+def statistics_reply(
+    data: ClientData, config: Mapping[str, object], clipping_range: float, max_weight: float
+) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+    """This node's reply to a statistics request: ([statistics array], training examples, metrics).
+
+    ``features``: `FeatureStats` of the raw train split. ``sums`` (SecAgg+): `SumStats` relative to the
+    public reference, divided by the observation count (``[1, mean z, mean z^2]``), so that SecAgg+'s
+    weighting by ``num_examples / max_weight`` gives the pooled means; every weighted value must stay
+    within ``clipping_range`` or SecAgg+ would clip it silently, so this refuses instead.
+
+    Raises:
+        ValueError: An unknown request, data that cannot give statistics (token ids, NaN), or sums out of range.
+    """
+    request = config.get(STATS_REQUEST_KEY)
+    x = data.train.x
+    if request == STATS_FEATURES:
+        array = feature_stats(x).to_array()
+    elif request == STATS_SUMS:
+        sums = sum_stats(x, config_transform(config, REFERENCE_KEYS))
+        if sums.count <= 0:
+            raise ValueError("the node holds no training example to compute statistics from")
+        array = sums.to_array() / sums.count
+        weighted = float(np.abs(array).max()) * max(1.0, len(data.train) / max_weight)
+        if weighted > clipping_range:
+            raise ValueError(
+                f"its statistics relative to the reference transform reach {weighted:.4g}, beyond "
+                f"secagg-clipping-range {clipping_range:g}, where SecAgg+ would clip them: set preprocessing-offset and "
+                "preprocessing-scale to a closer rough centre and spread of each feature"
+            )
+    else:
+        raise ValueError(f"unknown statistics request {request!r}; expected '{STATS_FEATURES}' or '{STATS_SUMS}'")
+    metrics: dict[str, Scalar] = {}
+    if config.get(LABELS_REQUEST_KEY):
+        metrics[LABELS_METRIC] = pack_class_names(held_class_names(data))
+    return [array], len(data.train), metrics
+
+
+def prepared_data(data: ClientData, transform: FeatureTransform, agreed: Sequence[str] | None = None) -> ClientData:
+    """``data`` (raw features) with the agreed transform applied and, given ``agreed``, its labels re-indexed to it.
+
+    Raises:
+        ValueError: If the node holds a label outside ``agreed`` (naming it), or the transform does not fit.
+    """
+    train, val = transform_data(data.train, transform), transform_data(data.val, transform)
+    if agreed is None or data.class_names is None or tuple(agreed) == data.class_names:
+        return dataclasses.replace(data, train=train, val=val)
+    check_class_names(held_class_names(data), agreed, where="its labels disagree with the agreed class names",
+                      allow_missing=True)
+    index = {name: i for i, name in enumerate(agreed)}
+    mapping = torch.tensor([index.get(name, -1) for name in data.class_names], dtype=torch.int64)
+    train, val = TensorData(train.x, mapping[train.y]), TensorData(val.x, mapping[val.y])
+    info = dataclasses.replace(data.info, num_outputs=len(agreed))
+    return dataclasses.replace(data, train=train, val=val, info=info, num_classes=len(agreed),
+                               class_names=tuple(agreed))

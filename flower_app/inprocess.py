@@ -102,6 +102,14 @@ def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: i
             strategy.aggregate_evaluate(rnd, replies, eval_failures)  # type: ignore[arg-type]
 
 
+def run_statistics(strategy: Any, clients: Sequence[NumPyClient]) -> None:
+    """The statistics round of a strategy with a statistics step (federated preprocessing), as `run_server` runs it
+    before training: one round of the same loop, then `finish_statistics` (which raises if it did not complete)."""
+    if strategy.statistics_phase:
+        run_rounds(strategy, clients, 1)
+        strategy.finish_statistics()
+
+
 class InProcessGrid(Grid):
     """A `Grid` that hands every message to a `ClientApp` in this process, one at a time.
 

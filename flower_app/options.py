@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import PartitionOptions, SourceOptions
+from datasets import FeatureTransform, PartitionOptions, SourceOptions
 from flower_app.config import AGGREGATOR_PARAM_KEYS, SERVER_OPTIMIZER_KEYS, AppConfig, ConfigError
 from flower_app.gguf_cache import resolve_model
 from flower_app.hf_models import FineTuneOptions, LoraOptions, split_names
@@ -190,7 +190,17 @@ def source_options(cfg: AppConfig, path: str | None = None, num_partitions: int 
         max_length=cfg.max_length,
         prompt_column=cfg.prompt_column,
         response_column=cfg.response_column,
+        # federated / fixed preprocessing: raw features; the agreed transform is applied to the node's raw partition
+        # (partitions hash the features, so the split must not depend on the transform) and to the server's split.
+        normalization="local" if cfg.preprocessing == "local" else "none",
     )
+
+
+def configured_transform(cfg: AppConfig) -> FeatureTransform | None:
+    """The transform of preprocessing-offset / -scale (preprocessing 'fixed'; the SecAgg+ reference of 'federated'), or None."""
+    if not cfg.preprocessing_offset:
+        return None
+    return FeatureTransform.from_strings(cfg.preprocessing_kind, cfg.preprocessing_offset, cfg.preprocessing_scale)
 
 
 def partition_options(cfg: AppConfig, num_partitions: int) -> PartitionOptions:

@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,7 +64,8 @@ METRICS_NAME = "metrics.csv"
 HISTORY_NAME = "resume_history.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 BEST_MODEL_NAME = "best_model.pt"  # the round with the lowest evaluation loss (strategies.selection)
-BEST_INFO_NAME = "best_model.json"  # {round, metric, value, last_round}
+BEST_INFO_NAME = "best_model.json"  # {round, metric, value, last_round[, preprocessing]}
+PREPROCESSING_NAME = "preprocessing.json"  # the agreed feature transform (flower_app.server_preprocessing)
 
 
 class SaveModel(Protocol):
@@ -117,6 +119,7 @@ class RunRecorder:
         spec: WeightSpec,
         save_model: SaveModel,
         flower_run_id: int | None = None,
+        preprocessing: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         if cfg.tensorboard and not tensorboard_available():
             raise ConfigError(
@@ -127,6 +130,7 @@ class RunRecorder:
         self.spec = spec
         self.save_model = save_model
         self.flower_run_id = flower_run_id
+        self.preprocessing = preprocessing  # the agreed transform (preprocessing.json), for federated or fixed preprocessing
         self.run: RunDir | None = None
         self.checkpoint: dict[str, Any] | None = None
         self.start_round = 0
@@ -299,7 +303,10 @@ class RunRecorder:
         try:
             staging.mkdir()
             try:
-                best = self._stage_best(strategy, staging)
+                record = self.preprocessing() if self.preprocessing is not None else None
+                if record is not None:  # beside the model: what raw inputs go through before it
+                    (staging / PREPROCESSING_NAME).write_text(json.dumps(record, indent=2) + "\n")
+                best = self._stage_best(strategy, staging, record is not None)
                 self.save_model(strategy.weights, staging / "model.pt")
             except (OSError, RuntimeError) as err:  # safetensors and torch's writers may hide the OSError
                 cause = os_error_in(err) or err
@@ -318,7 +325,7 @@ class RunRecorder:
         self._close()
         log.info("run '%s' finished: metrics, plot, checkpoint and final model in %s", self.dir.name, self.dir)
 
-    def _stage_best(self, strategy: Any, staging: Path) -> Any:
+    def _stage_best(self, strategy: Any, staging: Path, preprocessing: bool = False) -> Any:
         """best_model.pt, the round with the lowest evaluation loss (`strategies.selection`), and best_model.json."""
         best = getattr(strategy, "best", None)
         if best is None:
@@ -328,7 +335,10 @@ class RunRecorder:
             return None
         # Only the state_dict: a transformer's adapter/ or hf_model/ beside it would be the last round's.
         self.save_model(best.weights, staging / BEST_MODEL_NAME, library_format=False)
-        info = {"round": best.round, "metric": best.metric, "value": best.value, "last_round": strategy.current_round}
+        info: dict[str, Any] = {"round": best.round, "metric": best.metric, "value": best.value,
+                                "last_round": strategy.current_round}
+        if preprocessing:
+            info["preprocessing"] = PREPROCESSING_NAME  # apply it to raw inputs before the model
         (staging / BEST_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         return best
 

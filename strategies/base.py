@@ -60,7 +60,15 @@ from strategies.aggregators import AGGREGATOR_SPECS, AggregatorParams, fednova_c
 from strategies.client_metrics import per_client_columns
 from strategies.compression import CompressionConfig, decompress
 from strategies.evaluation import EVALUATE_BEFORE_FIT, split_fit_evaluation
-from strategies.hooks import ClientUpdate, FitFailures, FitResults, RoundRecord, StrategyHook
+from strategies.hooks import (
+    ClientUpdate,
+    FitFailures,
+    FitResults,
+    RoundRecord,
+    StatisticsReply,
+    StatisticsStep,
+    StrategyHook,
+)
 from strategies.optimizers import ServerOptHParams, ServerOptState, get_server_optimizer
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
 from strategies.scheduling import cohort_size, over_selected
@@ -195,6 +203,9 @@ class FederatedStrategy(Strategy):
             aggregate.
         round_config: entries sent to every sampled client in each fit and evaluate config (the
             data description and agreed class names each node checks its data against).
+        statistics: a step run as a round of its own before the training rounds (federated
+            preprocessing, `StatisticsStep`); the driver runs it with one round and then calls
+            `finish_statistics`. None, or a step restored from the checkpoint, means no such round.
 
     The best round (lowest central loss with ``evaluate_fn``, else lowest federated loss;
     `strategies.selection`) is kept in ``best`` and in the checkpoint.
@@ -211,6 +222,7 @@ class FederatedStrategy(Strategy):
         hooks: Sequence[StrategyHook] = (),
         preaggregated: bool = False,
         round_config: Mapping[str, Scalar] | None = None,
+        statistics: StatisticsStep | None = None,
     ) -> None:
         super().__init__()
         if len(trainable) != len(initial_weights):
@@ -228,9 +240,10 @@ class FederatedStrategy(Strategy):
         self.start_round = start_round
         self.hooks = tuple(hooks)
         self.preaggregated = preaggregated
-        names = [h.name for h in self.hooks]
+        self.statistics = statistics
+        names = [h.name for h in self.hooks] + ([statistics.name] if statistics is not None else [])
         if len(set(names)) != len(names) or set(names) & set(STATE_KEYS):
-            raise ValueError(f"hook names {names} must be distinct and differ from the strategy's own state keys {STATE_KEYS}")
+            raise ValueError(f"hook names (and the statistics step's) {names} must be distinct and differ from the strategy's own state keys {STATE_KEYS}")
         self.opt_state = self.optimizer.init(self.weights, self.trainable)
         self.scaffold_state: ScaffoldState | None = (
             scaffold_init(self._trainable_part(self.weights)) if self.rule.scaffold else None
@@ -248,6 +261,7 @@ class FederatedStrategy(Strategy):
         self.best: BestRound | None = None
         # Sent with every fit and evaluate instruction (the app adds the run's name: nodes key their kept state by it).
         self.client_config: dict[str, Scalar] = {}
+        self._statistics_phase = statistics is not None and not statistics.done
 
     # ------------------------------------------------------------------ state (checkpoints)
     def state_dict(self) -> dict[str, Any]:
@@ -261,6 +275,8 @@ class FederatedStrategy(Strategy):
         }
         for hook in self.hooks:
             state[hook.name] = hook.state_dict()
+        if self.statistics is not None:
+            state[self.statistics.name] = self.statistics.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -277,6 +293,9 @@ class FederatedStrategy(Strategy):
             self.scaffold_state = ScaffoldState.load_state_dict(state[CONTROL_STATE_KEY], template=self.scaffold_state)
         for hook in self.hooks:
             hook.load_state_dict(state.get(hook.name))
+        if self.statistics is not None:  # a resumed run keeps the checkpoint's result and does not repeat the step
+            self.statistics.load_state_dict(state.get(self.statistics.name))
+            self._statistics_phase = not self.statistics.done
         best = load_best_state(state.get(BEST_STATE_KEY), self.weights)  # None in checkpoints older than it
         if best is not None and best.metric != self.selection_metric:
             log(WARNING, "the checkpoint's best round (%d) was chosen by %s; this run chooses by %s: starting afresh",
@@ -295,11 +314,13 @@ class FederatedStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        if self._statistics_phase:
+            return self._configure_statistics(client_manager)
         rnd = server_round + self.start_round
         self._round_start = time.perf_counter()
         self._record = RoundRecord(round=rnd)
         clients = self._sample(client_manager, rnd, "fit", self.options.fraction_fit, self.options.min_fit_clients)
-        config: dict[str, Scalar] = {"server-round": rnd, **self.round_config, **self.client_config}
+        config: dict[str, Scalar] = {"server-round": rnd, **self._round_config(), **self.client_config}
         for hook in self.hooks:
             extra = hook.fit_config(rnd, self._num_available, len(clients))
             if extra is None:
@@ -322,6 +343,9 @@ class FederatedStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if self._statistics_phase:
+            self._aggregate_statistics(results, failures)
+            return None, {}
         record = self._ensure_record(server_round)
         if self.preaggregated:
             failures = _distinct_failures(failures)
@@ -334,7 +358,7 @@ class FederatedStrategy(Strategy):
         return parameters, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        if self.evaluate_fn is None:
+        if self.evaluate_fn is None or self._statistics_phase:  # the server's data awaits the agreed transform
             return None
         loss, metrics = self.evaluate_fn(self.weights)
         if server_round == 0:
@@ -352,6 +376,8 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if self._statistics_phase:
+            return []
         record = self._ensure_record(server_round)
         clients: list[ClientProxy] = []
         if self.options.fraction_evaluate > 0 and self._evaluate_round(record.round) and record.round != self._skipped_round:
@@ -363,7 +389,7 @@ class FederatedStrategy(Strategy):
             return []
         params = ndarrays_to_parameters(self.weights)
         record.bytes_sent += _nbytes(params) * len(clients)
-        config: dict[str, Scalar] = {"server-round": record.round, **self.round_config, **self.client_config}
+        config: dict[str, Scalar] = {"server-round": record.round, **self._round_config(), **self.client_config}
         return [(c, EvaluateIns(params, dict(config))) for c in clients]
 
     def aggregate_evaluate(
@@ -372,6 +398,8 @@ class FederatedStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        if self._statistics_phase:
+            return None, {}
         record = self._ensure_record(server_round)
         for failure in failures:
             log(WARNING, "round %d: evaluation failure: %s", record.round, _describe_failure(failure))
@@ -447,11 +475,73 @@ class FederatedStrategy(Strategy):
 
     def open_round(self, server_round: int) -> RoundRecord:
         """Start (or return) the record of ``server_round`` (counted from this run's start, as Flower's are)."""
+        if self._statistics_phase:
+            return RoundRecord(round=0)  # the statistics round is no row of metrics.csv
         return self._ensure_record(server_round)
 
     def close_round(self) -> None:
         """Finish the round in progress: its seconds, the log line, hooks' end_round and the observers."""
-        self._finish_round()
+        if not self._statistics_phase:
+            self._finish_round()
+
+    # ------------------------------------------------------------------ the statistics step
+    @property
+    def statistics_phase(self) -> bool:
+        """Whether the next round the driver runs is the statistics step's (`StatisticsStep`)."""
+        return self._statistics_phase
+
+    def finish_statistics(self) -> None:
+        """End the statistics round the driver ran: later rounds train.
+
+        Raises:
+            RuntimeError: If the step did not complete (too few usable replies, or none came): no silent fallback.
+        """
+        step = self.statistics
+        if step is None or not self._statistics_phase:
+            return
+        if not step.done:
+            raise RuntimeError(
+                f"the statistics round did not complete: {step.failure or 'no client replied'}; the run stops "
+                "before training (nothing falls back to each node's own statistics)"
+            )
+        self._statistics_phase = False
+        self._record = None
+
+    def _round_config(self) -> dict[str, Scalar]:
+        """What every fit and evaluate config carries: the agreement entries, then the statistics step's result."""
+        if self.statistics is not None and self.statistics.done:
+            return {**self.round_config, **self.statistics.round_config()}
+        return self.round_config
+
+    def _configure_statistics(self, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """Every available client (at least min-fit-clients) is asked for its statistics; no model is sent."""
+        assert self.statistics is not None
+        self._round_start = time.perf_counter()
+        clients = self._sample(client_manager, 0, "statistics", 1.0, self.options.min_fit_clients)
+        self.cohort = (len(clients), len(clients))  # the scheduler closes the round at this many replies
+        config: dict[str, Scalar] = {"server-round": 0, **self.round_config, **self.client_config,
+                                     **self.statistics.fit_config()}
+        empty = ndarrays_to_parameters([])
+        log(INFO, "statistics round: asking %d of %d clients for statistics of their data", len(clients),
+            self._num_available)
+        return [(c, FitIns(empty, dict(config))) for c in clients]
+
+    def _aggregate_statistics(self, results: FitResults, failures: FitFailures) -> None:
+        """Hand the statistics replies to the step, decoded (a reply that cannot even be decoded is rejected there)."""
+        assert self.statistics is not None
+        if self.preaggregated:
+            failures = _distinct_failures(failures)
+        for failure in failures:
+            log(WARNING, "statistics round: client failure: %s", _describe_failure(failure))
+        replies: list[StatisticsReply] = []
+        for proxy, res in results:
+            try:
+                arrays: NDArrays = views(res.parameters.tensors)
+            except Exception as err:  # noqa: BLE001 - one client can never crash the server
+                log(WARNING, "statistics round: rejected the statistics of client %s: %s", proxy.cid, _describe_error(err))
+                arrays = []
+            replies.append((proxy.cid, arrays, res.num_examples, dict(res.metrics or {})))
+        self.statistics.aggregate(replies, len(failures), self.preaggregated)
 
     # -------------------------------------------------------------------------- internals
     def _evaluate_round(self, rnd: int) -> bool:

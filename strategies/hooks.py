@@ -121,4 +121,49 @@ class StrategyHook(Protocol):
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None: ...
 
 
-__all__ = ["ClientUpdate", "FitFailures", "FitResults", "NDArrays", "RoundRecord", "StrategyHook"]
+StatisticsReply = tuple[str, NDArrays, int, Mapping[str, Scalar]]  # (client id, arrays, num_examples, metrics)
+
+
+class StatisticsStep(Protocol):
+    """A step before the first training round whose replies are statistics, not model updates.
+
+    Federated preprocessing (`flower_app.server_preprocessing`) is one: its round asks every available
+    client for statistics of its raw data, merges them and, once `done`, adds the agreed transform to
+    every later fit and evaluate config (`round_config`). The shell runs it as a round of its own,
+    driven by the same loop as training (the legacy loop, SecAgg+'s workflow, the scheduler) before
+    the training rounds: no hook and no observer sees it, the model does not move, and its result rides
+    in the checkpoint under ``name``, so a resumed run does not repeat it.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def failure(self) -> str:
+        """Why the step did not complete ("" while it may still)."""
+        ...
+
+    def fit_config(self) -> Mapping[str, Scalar]:
+        """The request sent to every sampled client."""
+        ...
+
+    def aggregate(self, replies: list[StatisticsReply], failures: int, preaggregated: bool) -> None:
+        """Check every reply (rejecting bad ones with the reason), and merge the rest (``done``), or set ``failure``."""
+        ...
+
+    def round_config(self) -> Mapping[str, Scalar]:
+        """Once done: what every later fit and evaluate config carries."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None: ...
+
+
+__all__ = [
+    "ClientUpdate", "FitFailures", "FitResults", "NDArrays", "RoundRecord", "StatisticsReply", "StatisticsStep",
+    "StrategyHook",
+]
