@@ -200,11 +200,12 @@ class FlowerClient(NumPyClient):
         evaluation = None
         if config.get(EVALUATE_BEFORE_FIT):
             # The received model on the local validation split, before training changes it, as an evaluate
-            # message would measure it (personal figures included); a personal evaluation may have trained or
-            # replaced the model (finetune, Ditto), so the received one is loaded again before training.
+            # message would measure it (personal figures included); a personal evaluation that trained or
+            # replaced the model (finetune, Ditto) has the received one loaded again before training.
             evaluation = self._evaluate_loaded(config, node, global_weights)
-            set_weights(self.model, self.spec, global_weights)
-            self.personal.restore(self.model, node)
+            if self.personal.evaluation_changes_model:
+                set_weights(self.model, self.spec, global_weights)
+                self.personal.restore(self.model, node)
         # Shuffling depends on (seed, round, partition) only, so a resumed run replays exactly; FedBuff may
         # give a node the same model version twice (REPEAT_KEY), which then shuffles anew.
         key = f"{self.cfg.seed}:{int(config.get('server-round', 0))}:{self.data.partition_id}"

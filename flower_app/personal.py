@@ -159,6 +159,11 @@ class Personalizer:
         """What travels (the server's model spec)."""
         return self.split.shared
 
+    @property
+    def evaluation_changes_model(self) -> bool:
+        """Whether `evaluate_personal` trains or replaces the model's weights (finetune, Ditto)."""
+        return self.method.has_personal_model and not self.method.personal_part
+
     def personal_train_options(self, options: TrainOptions) -> TrainOptions:
         """The personal training: fine-tuning, Ditto's personal model (with lambda), FedRep's head."""
         mu = self.options.ditto_lambda if self.method.proximal else 0.0

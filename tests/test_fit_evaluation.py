@@ -55,6 +55,22 @@ def test_fit_time_metrics_equal_a_separate_evaluate_and_training_is_unchanged() 
     assert {k: v for k, v in fit_metrics.items() if not k.startswith("fed_eval_")} == plain_metrics
 
 
+@pytest.mark.parametrize("method", ["finetune", "ditto", "fedrep"])
+def test_a_personal_evaluation_in_the_fit_message_leaves_training_unchanged(method: str) -> None:
+    # finetune and Ditto train or swap the model to evaluate the personal one: the received model is reloaded.
+    overrides = {"personalization": method, "personal-steps": 3}
+    client = _client(0, **overrides)
+    weights = [w.copy() for w in get_weights(client.model, client.spec)]
+    loss, n, metrics = _client(0, **overrides).evaluate(weights, {"server-round": 1})
+    trained, count, fit_metrics = client.fit(weights, {"server-round": 1, EVALUATE_BEFORE_FIT: True})
+    assert fit_metrics[LOSS] == loss and fit_metrics[NUM_EXAMPLES] == n
+    assert {k: v for k, v in fit_metrics.items() if k.startswith(PREFIX)} == {PREFIX + k: v for k, v in
+                                                                               {"loss": loss, "num_examples": n, **metrics}.items()}
+    trained = [t.copy() for t in trained]
+    plain, plain_count, _ = _client(0, **overrides).fit(weights, {"server-round": 1})
+    assert count == plain_count and all(np.array_equal(a, b) for a, b in zip(trained, plain))
+
+
 def test_the_server_asks_a_seeded_fraction_of_the_training_clients() -> None:
     model = build_model("mlp", _client(0).data.info)
     weights = get_weights(model, weight_spec(model))
