@@ -55,7 +55,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.client import NumPyClient
 from flwr.common import RecordDict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,26 +112,6 @@ def write_instructions(data_dir: Path, per_site: int, max_words: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------ runs
-class TimedClient(NumPyClient):
-    """Delegates to a FlowerClient and records the seconds of each fit."""
-
-    def __init__(self, client: Any, seconds: list[float]) -> None:
-        self.client = client
-        self.seconds = seconds
-
-    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        return self.client.get_parameters(config)
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
-        start = time.perf_counter()
-        result = self.client.fit(parameters, config)
-        self.seconds.append(time.perf_counter() - start)
-        return result
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
-        return self.client.evaluate(parameters, config)
-
-
 def run_overrides(name: str, args: argparse.Namespace, data: str, out: Path) -> dict[str, Any]:
     central = name == "central-lora"
     clients = 1 if central else args.clients
@@ -156,7 +135,7 @@ def run_config(name: str, args: argparse.Namespace, data: str, out: Path) -> pd.
     from flower_app.client_app import FlowerClient
     from flower_app.config import parse_run_config
     from flower_app.data import client_data
-    from flower_app.inprocess import run_rounds
+    from flower_app.inprocess import TimedClient, run_rounds
     from flower_app.server_app import build_strategy
 
     cfg = parse_run_config(run_overrides(name, args, data, out))

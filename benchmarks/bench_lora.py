@@ -52,14 +52,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from flwr.client import NumPyClient
 from flwr.common import RecordDict
 
 from flower_app import hf_models
 from flower_app.client_app import FlowerClient
 from flower_app.config import parse_run_config
 from flower_app.data import client_data
-from flower_app.inprocess import run_rounds
+from flower_app.inprocess import TimedClient, run_rounds
 from flower_app.server_app import build_strategy
 
 log = logging.getLogger("bench_lora")
@@ -100,26 +99,6 @@ def sample_sites(data_dir: Path, per_site: int, seed: int, out: Path) -> str:
         rng.shuffle(chosen)
         (out / name).write_text("\n".join(chosen) + "\n", encoding="utf-8")
     return str(out / "*_labelled.txt")
-
-
-class TimedClient(NumPyClient):
-    """Delegates to a FlowerClient and records the seconds of each fit."""
-
-    def __init__(self, client: FlowerClient, seconds: list[float]) -> None:
-        self.client = client
-        self.seconds = seconds
-
-    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
-        return self.client.get_parameters(config)
-
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
-        start = time.perf_counter()
-        result = self.client.fit(parameters, config)
-        self.seconds.append(time.perf_counter() - start)
-        return result
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
-        return self.client.evaluate(parameters, config)
 
 
 def run_config(name: str, args: argparse.Namespace, data: str, model: Path, out: Path) -> pd.DataFrame:

@@ -109,7 +109,7 @@ def cost_run(secure: bool, out: Path) -> dict[str, float]:
     from flower_app import client_app
     from flower_app.config import AppConfig
     from flower_app.inprocess import InProcessGrid
-    from flower_app.server_app import run_server, server_fn
+    from flower_app.server_app import run_server
 
     rc = AppConfig().to_run_config()
     rc.update({
@@ -119,15 +119,8 @@ def cost_run(secure: bool, out: Path) -> dict[str, float]:
         "fraction-evaluate": 0.0, "secure-aggregation": secure, "send-delta": secure,
     })
     grid = InProcessGrid(client_app.app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], rc)
-    captured: dict[str, Any] = {}
-
-    def capture(context: Context) -> Any:
-        components = server_fn(context)
-        captured["s"] = components.strategy
-        return components
-
-    run_server(grid, Context(1, 0, {}, RecordDict(), rc), capture)
-    summary = captured["s"].statistics.summary
+    strategy = run_server(grid, Context(1, 0, {}, RecordDict(), rc))
+    summary = strategy.statistics.summary  # type: ignore[union-attr]
     metrics = pd.read_csv(out / str(rc["run-name"]) / "metrics.csv")
     last = metrics.iloc[-1]
     return {

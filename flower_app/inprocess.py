@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.client import ClientApp, NumPyClient
@@ -70,6 +72,26 @@ class DetachedProxy(ClientProxy):
 
     def reconnect(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
         raise NotImplementedError
+
+
+class TimedClient(NumPyClient):
+    """Delegates to a NumPyClient and records the seconds of each fit (benchmarks: seconds per client and round)."""
+
+    def __init__(self, client: NumPyClient, seconds: list[float]) -> None:
+        self.client = client
+        self.seconds = seconds
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return self.client.get_parameters(config)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+        start = time.perf_counter()
+        result = self.client.fit(parameters, config)
+        self.seconds.append(time.perf_counter() - start)
+        return result
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> Any:
+        return self.client.evaluate(parameters, config)
 
 
 def run_rounds(strategy: Strategy, clients: Sequence[NumPyClient], num_rounds: int) -> None:

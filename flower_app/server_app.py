@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from flwr.server import Server, ServerApp, ServerAppComponents, ServerConfig, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat import LegacyContext, start_grid
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from torch import nn
@@ -280,8 +281,10 @@ def secagg_workflow(options: PrivacyOptions, round_timeout: float) -> SecAggPlus
     )
 
 
-def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], ServerAppComponents] = server_fn) -> None:
-    """The ServerApp's main: the legacy loop, the SecAgg+ workflow, or the scheduler.
+def run_server(
+    grid: Grid, context: Context, server_fn: Callable[[Context], ServerAppComponents] = server_fn
+) -> Strategy | None:
+    """The ServerApp's main: the legacy loop, the SecAgg+ workflow, or the scheduler; returns the strategy it ran.
 
     Without secure aggregation this is exactly what ``ServerApp(server_fn=...)`` does
     (`start_grid` with the components); with it, Flower's `DefaultWorkflow` runs the same
@@ -300,7 +303,7 @@ def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], Serv
         assert isinstance(components.strategy, FederatedStrategy) and components.config is not None
         run_scheduled(grid, components.strategy, scheduler_options(cfg), profile_options(cfg),
                       components.config.num_rounds)
-        return
+        return strategy
     if not cfg.secure_aggregation:
         start_grid(
             grid=grid,
@@ -309,7 +312,7 @@ def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], Serv
             strategy=components.strategy if components.server is None else None,  # the server holds its strategy
             client_manager=components.client_manager,
         )
-        return
+        return strategy
     options = privacy_options(cfg)
     log(INFO, "secure aggregation: SecAgg+ (shares %g, threshold %g, clipping range %g, quantization range %d)",
         options.secagg_num_shares, options.secagg_reconstruction_threshold, options.secagg_clipping_range,
@@ -321,6 +324,7 @@ def run_server(grid: Grid, context: Context, server_fn: Callable[[Context], Serv
         client_manager=components.client_manager,
     )
     DefaultWorkflow(fit_workflow=secagg_workflow(options, cfg.round_timeout))(grid, legacy)
+    return strategy
 
 
 def run_statistics_round(grid: Grid, context: Context, cfg: AppConfig, strategy: FederatedStrategy) -> None:

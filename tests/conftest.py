@@ -31,3 +31,19 @@ def flwr_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("flwr-home")
     yield home
     stop_processes_of(home)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny transformers: one torch thread is fastest (on a shared 2-core machine 2 threads can be 10x slower);
+    the app's model cache is cleared around the test. Modules use it with ``pytest.mark.usefixtures``."""
+    import torch
+
+    from flower_app import hf_models
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hf_models.clear_cache()
+    yield
+    hf_models.clear_cache()
+    torch.set_num_threads(threads)

@@ -61,15 +61,7 @@ def run(rc: dict[str, Any], watch: Callable[[Message], None] | None = None) -> A
         return False
 
     grid = InProcessGrid(client_app.app, [{"partition-id": i, "num-partitions": n} for i in range(n)], rc, drop=drop)
-    captured: dict[str, Any] = {}
-
-    def capture(context: Context) -> Any:
-        components = server_fn(context)
-        captured["strategy"] = components.strategy
-        return components
-
-    run_server(grid, Context(1, 0, {}, RecordDict(), rc), capture)
-    return captured["strategy"]
+    return run_server(grid, Context(1, 0, {}, RecordDict(), rc))
 
 
 def pooled(rc: dict[str, Any]) -> FeatureStats:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +44,7 @@ from flower_app.task import (
 from strategies import STRATEGIES
 from tests.llm_utils import PAD_ID, make_llama, make_tokenizer, write_gguf, write_instructions
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    hf_models.clear_cache()
-    yield
-    hf_models.clear_cache()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Every model here is a tiny, randomly initialised transformer built in the test (
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +36,7 @@ from tests.lora_utils import (
 ADAMW = {"client-optimizer": "adamw", "client-momentum": 0.0, "learning-rate": 0.01}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: one thread is fastest, and on a shared 2-core machine 2 threads can be 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    hf_models.clear_cache()
-    yield
-    hf_models.clear_cache()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ pytest.importorskip("peft")
 
 from datasets import SourceOptions, load_source
 from datasets.text import IGNORE_INDEX, group_partitions
-from flower_app import hf_models
 from flower_app.config import parse_run_config
 from flower_app.data import client_data
 from flower_app.inprocess import run_rounds
@@ -26,13 +24,7 @@ from tests.lora_utils import VOCAB, make_clients, write_tokenizer
 ID = {w: i for i, w in enumerate(VOCAB)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    hf_models.clear_cache()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -62,12 +62,11 @@ def run(
     n = int(rc["num-partitions"])
     nodes = node_configs or [{"partition-id": i, "num-partitions": n} for i in range(n)]
     grid = InProcessGrid(client_app.app, nodes, rc)
-    captured: dict[str, Any] = {}
     seen: list[list[tuple[int, Any]]] = []
 
     def spying_server_fn(context: Context) -> Any:
         components = server_fn(context)
-        strategy = captured["strategy"] = components.strategy
+        strategy = components.strategy
         original = strategy.aggregate_fit
 
         def recording(server_round: int, results: list, failures: list) -> Any:
@@ -77,8 +76,7 @@ def run(
         strategy.aggregate_fit = recording
         return components
 
-    run_server(grid, Context(1, 0, {}, RecordDict(), rc), spying_server_fn)
-    return captured["strategy"], seen
+    return run_server(grid, Context(1, 0, {}, RecordDict(), rc), spying_server_fn), seen
 
 
 def metrics(out: Path, name: str = "run") -> pd.DataFrame:

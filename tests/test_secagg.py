@@ -45,12 +45,10 @@ def run(rc: dict[str, Any], drop: Callable[[Message], bool] | None = None, spy: 
     """One in-process run; returns the strategy and what its shell's aggregate_fit received."""
     n = int(rc["num-partitions"])
     grid = InProcessGrid(client_app.app, [{"partition-id": i, "num-partitions": n} for i in range(n)], rc, drop=drop)
-    captured: dict[str, Any] = {}
     seen: list = []
 
     def capturing_server_fn(context: Context) -> Any:
         components = server_fn(context)
-        captured["strategy"] = components.strategy
         if spy:
             strategy = components.strategy
             original = strategy.aggregate_fit
@@ -62,8 +60,7 @@ def run(rc: dict[str, Any], drop: Callable[[Message], bool] | None = None, spy: 
             strategy.aggregate_fit = recording
         return components
 
-    run_server(grid, Context(1, 0, {}, RecordDict(), rc), capturing_server_fn)
-    return captured["strategy"], seen
+    return run_server(grid, Context(1, 0, {}, RecordDict(), rc), capturing_server_fn), seen
 
 
 def stage_of(msg: Message) -> str | None:
@@ -149,15 +146,7 @@ def test_secure_aggregation_with_client_side_dp_clips_before_masking(tmp_path: P
         return components
 
     grid = InProcessGrid(client_app.app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], rc)
-    captured: dict[str, Any] = {}
-
-    def both(context: Context) -> Any:
-        components = capture_start(context)
-        captured["s"] = components.strategy
-        return components
-
-    run_server(grid, Context(1, 0, {}, RecordDict(), rc), both)
-    strategy = captured["s"]
+    strategy = run_server(grid, Context(1, 0, {}, RecordDict(), rc), capture_start)
     assert start is not None
     step = l2_norm([w - s for w, s in zip(strategy.weights, start)])
     # The mean of three updates each clipped to 0.05 has norm <= 0.05 (and SecAgg+ adds ~1e-5).
