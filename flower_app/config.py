@@ -71,6 +71,13 @@ def _codec_names() -> list[str]:
     return sorted(CODECS)
 
 
+def _asynchronous(mode: str) -> bool:
+    """Whether scheduling mode ``mode`` is asynchronous (`strategies.scheduling.ModeSpec`)."""
+    from strategies.scheduling import get_mode
+
+    return get_mode(mode).asynchronous
+
+
 def _mode_names() -> list[str]:
     from strategies.scheduling import MODES
 
@@ -645,7 +652,7 @@ class AppConfig:
         connect; a round samples max(fraction-fit x available, min-fit-clients) of them (`FederatedStrategy`).
         With mode 'async' every server step aggregates exactly async-buffer-size updates (FedBuff's K).
         """
-        if self.mode == "async":
+        if _asynchronous(self.mode):
             return self.async_buffer_size
         p = self.num_partitions
         if p == 0:
@@ -668,7 +675,7 @@ class AppConfig:
         reason = spec.requirement(n, params) or spec.weakness(n, params)
         keys = aggregator_keys(self.aggregator)
         change = f"change {', '.join(keys)}" if keys else "choose another aggregator"
-        if reason and self.mode == "async":
+        if reason and _asynchronous(self.mode):
             raise ConfigError(
                 f"aggregator '{self.aggregator}' can never do its job here: every FedBuff server step aggregates "
                 f"async-buffer-size={n} updates, and {reason}; raise async-buffer-size, or {change}"

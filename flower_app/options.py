@@ -124,7 +124,7 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         max_update_norm_ratio=cfg.max_update_norm_ratio,
         # FedBuff sends its own fit messages (no fit-time evaluation) and evaluates once, after its last step:
         # that evaluation is the run's federated figure, as with 'separate'.
-        federated_evaluation="separate" if cfg.mode == "async" and cfg.federated_evaluation == "fit" else cfg.federated_evaluation,
+        federated_evaluation="separate" if get_mode(cfg.mode).asynchronous and cfg.federated_evaluation == "fit" else cfg.federated_evaluation,
         num_rounds=cfg.num_server_rounds,
         over_selection=cfg.over_selection,
     )
