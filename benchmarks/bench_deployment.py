@@ -89,7 +89,8 @@ from deploy.local import (
 )
 
 log = logging.getLogger("bench_deployment")
-SETTINGS = ("simulation", "insecure", "insecure-separate", "secure", "secure-poll-0.1")
+SETTINGS = ("simulation", "insecure", "insecure-separate", "warm", "secure", "secure-poll-0.1")
+SUPEREXEC = ROOT / "deploy" / "superexec.py"
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE_REF = "966ad3b"  # main before issue 12 (the merge of branch 'strat')
 PROBE = ROOT / "benchmarks" / "clientapp_probe.py"
@@ -225,6 +226,26 @@ def _insecure(group: Cluster, nodes: int, config: dict[str, Any], project: Path)
     return run_app(group, "local-deploy", run_config_string(config), timeout=3600, project=project)
 
 
+def _warm(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
+    """README's one-machine deployment with ``--isolation process``, each SuperNode beside a ``flower-app-superexec``."""
+    port = free_port()
+    link = group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
+                                     "--disable-runtime-dependency-installation"])
+    link.wait_for("Uvicorn running", 120)
+    write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
+    for i in range(nodes):
+        runtime = free_port()
+        group.start(f"supernode-{i + 1}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
+                                           "--isolation=process", f"--port={runtime}",
+                                           f"--node-config=partition-id={i} num-partitions={nodes}"])
+        group.start(f"clientapp-{i + 1}", [sys.executable, str(SUPEREXEC), "--insecure",
+                                           f"--runtime-api-address=127.0.0.1:{runtime}"])
+    for i in range(nodes):
+        group.procs[f"supernode-{i + 1}"].wait_for("SuperNode ID", 300)
+        group.procs[f"clientapp-{i + 1}"].wait_for("Starting Flower SuperExec", 300)  # its fork server is warm
+    return run_app(group, "local-deploy", run_config_string(config), timeout=3600, project=project)
+
+
 def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path, project: Path) -> Process:
     start_compose_deployment(group, work, nodes)
     return run_app(group, OPERATOR, run_config_string(config), timeout=3600, project=project)
@@ -255,6 +276,8 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
             _simulation(group, nodes, config, project)
         elif setting.startswith("insecure"):
             _insecure(group, nodes, config, project)
+        elif setting == "warm":
+            _warm(group, nodes, config, project)
         else:
             _secure(group, nodes, config, work, project)
         wall = time.perf_counter() - started

@@ -442,6 +442,8 @@ def register_supernode(group: Cluster, public_key: Path, connection: str, name: 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 FLOWER_ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
                       "flwr/superexec": "flower-superexec"}
+# Commands the Dockerfile installs from this repository (COPY ... /usr/local/bin/<name>) -> how to run them here.
+IMAGE_COMMANDS = {"flower-app-superexec": [sys.executable, str(ROOT / "deploy" / "superexec.py")]}
 NGINX_IMAGE = "nginx"
 NGINX_TEMPLATES = "/etc/nginx/templates/"  # the official image renders *.template from here into conf.d/
 
@@ -630,7 +632,8 @@ def compose_commands(
         else:
             raw = service.get("command", []) or []
             command = [interpolate(str(c), env) for c in (raw if isinstance(raw, list) else shlex.split(str(raw)))]
-            argv = list(service_entrypoint(service))
+            entry = list(service_entrypoint(service))
+            argv = IMAGE_COMMANDS.get(entry[0], entry[:1]) + entry[1:]
             for flag, value in split_flags(command):
                 argv.append(flag if value is None else f"{flag}={translate(flag, value)}")
             ready = {"flower-superlink": r"Uvicorn running", "flower-supernode": r"SuperNode ID"}.get(

@@ -12,6 +12,8 @@ with deploy/add_node.sh. One deployment serves every check of this module:
   on the public listener and work on the operator's;
 - an executor without the secret (or with a wrong one) is refused by the SuperLink;
 - a SuperNode whose key was never registered, and one without TLS, are refused;
+- every ClientApp runs warm (``flower-app-superexec``, the image's entrypoint), and a node's
+  executor whose fork server was killed starts a new one and serves the next run;
 - a run through the proxies survives a crash of the whole server side (SuperLink and ServerApp
   executor killed after round 1's checkpoint): after a restart on the same database the
   registrations and node IDs are still there, the SuperNodes reconnect by themselves, the stale run
@@ -34,6 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 
 from deploy.local import (
@@ -300,12 +303,20 @@ def test_a_run_survives_a_server_crash_and_resumes_to_the_uninterrupted_result(f
     assert stop.returncode == 0, stop.text()
     assert _runs(fed)[crashed_run].startswith("finished:stopped")
 
+    # The first node's warm ClientApp executor loses its fork server too: it starts a new one.
+    (fork_server,) = [p for p in psutil.Process(group.procs["clientapp-1"].pid).children()
+                      if "forkserver" in " ".join(p.cmdline())]
+    fork_server.kill()
+
     resumed = run_app(group, OPERATOR, run_config_string({**config, "resume": True}), timeout=600, name="flwr-run-2")
     assert "resume: run 'run' from round 1 of 2" in resumed.text(), resumed.text()[-3000:]
     frame = pd.read_csv(out / "metrics.csv")
     assert list(frame["round"]) == [0, 1, 2], group.logs()
     trained = frame[frame["round"] > 0]
     assert (trained["results"] == NUM_NODES).all() and (trained["failures"] == 0).all()
+    assert group.procs["clientapp-1"].find(rf"The fork server {fork_server.pid} ended; started fork server \d+")
+    for i in range(1, NUM_NODES + 1):  # every ClientApp ran warm, over the Runtime API's TLS
+        assert group.procs[f"clientapp-{i}"].find(r"Warm ClientApp process \d+: .* s CPU"), group.logs()
     assert (trained["rejected"] == 0).all() and trained["updated"].all()
 
     # The oracle: the same run, uninterrupted, in this process.

@@ -28,6 +28,7 @@ from cryptography import x509
 
 from deploy.local import (
     DOCKERFILE,
+    IMAGE_COMMANDS,
     NGINX_IMAGE,
     NGINX_TEMPLATES,
     ROOT,
@@ -83,8 +84,11 @@ def kind(name: str) -> str:
     return service_entrypoint(SERVICES[name])[0]
 
 
-def by_kind(entrypoint: str) -> list[str]:
-    return [n for n in SERVICES if kind(n) == entrypoint]
+def by_kind(*entrypoints: str) -> list[str]:
+    return [n for n in SERVICES if kind(n) in entrypoints]
+
+
+EXECUTORS = ("flower-superexec", "flower-app-superexec")  # Flower's, and ours (deploy/superexec.py)
 
 
 def environment(name: str) -> dict[str, str]:
@@ -128,8 +132,11 @@ def _parser(entrypoint: str) -> argparse.ArgumentParser:
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink as superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode as supernode
 
+    from deploy.superexec import parser as app_superexec
+
     factories: dict[str, Callable[[], argparse.ArgumentParser]] = {
         "flower-superlink": superlink, "flower-supernode": supernode, "flower-superexec": superexec,
+        "flower-app-superexec": app_superexec,
     }
     return factories[entrypoint]()
 
@@ -150,17 +157,23 @@ def test_flower_version_is_the_same_everywhere() -> None:
 def test_the_proxy_image_is_pinned_and_every_service_is_known() -> None:
     for name in by_kind("nginx"):
         assert re.fullmatch(r"nginx:\d+\.\d+(\.\d+)?-alpine", SERVICES[name]["image"]), SERVICES[name]["image"]
-    assert {kind(n) for n in SERVICES} == {"flower-superlink", "flower-supernode", "flower-superexec", "nginx"}
+    assert {kind(n) for n in SERVICES} == {"flower-superlink", "flower-supernode", *EXECUTORS, "nginx"}
 
 
 def test_services_built_here_use_the_dockerfile_and_the_project_version() -> None:
     built = [n for n, s in SERVICES.items() if "build" in s]
-    assert sorted(built) == sorted(by_kind("flower-superexec"))
+    assert sorted(built) == sorted(by_kind(*EXECUTORS))
     version = PYPROJECT["project"]["version"]
     for name in built:
         assert SERVICES[name]["build"] in (".", {"context": "."}), name
         assert SERVICES[name]["image"] == f"flower-app-superexec:{version}", name
-    assert dockerfile_entrypoint() == ["flower-superexec"]
+    assert dockerfile_entrypoint() == ["flower-app-superexec"]
+    # The image installs each command local runs from this repository, from the file local runs.
+    text = DOCKERFILE.read_text()
+    for command_name, local_argv in IMAGE_COMMANDS.items():
+        source = Path(local_argv[-1]).relative_to(ROOT).as_posix()
+        assert re.search(rf"^COPY --chmod=755 {re.escape(source)} /usr/local/bin/{command_name}$", text, re.MULTILINE)
+        assert os.access(ROOT / source, os.X_OK) and (ROOT / source).read_text().startswith("#!/usr/bin/env python\n")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SERVICES if kind(n) != "nginx"))
@@ -225,9 +238,11 @@ def test_supernodes_reach_only_the_fleet_proxy_and_each_has_one_executor() -> No
     fleet_port = int(environment(fleet)["LISTEN_PORT"])
     nodes = by_kind("flower-supernode")
     assert len(nodes) >= 2
-    executors = {n: host_port(str(flags(n)["--runtime-api-address"])) for n in by_kind("flower-superexec")}
+    executors = {n: host_port(str(flags(n)["--runtime-api-address"])) for n in by_kind(*EXECUTORS)}
     assert sorted(host for host, _ in executors.values()) == sorted([superlink, *nodes]), \
         "one executor per SuperNode and one for the SuperLink"
+    assert {kind(e) for e, (host, _) in executors.items() if host in nodes} == {"flower-app-superexec"}, \
+        "ClientApps start warm"
     internal = {n for n, v in NETWORKS.items() if v.get("internal")}
     partitions = []
     for node in nodes:
@@ -284,7 +299,7 @@ def test_every_file_a_service_names_is_mounted_and_made_by_make_certs_and_prepar
     assert not (secrets / "ca.key").exists()
     # The names the services dial are in the certificates they are offered.
     dials = [(n, host_port(str(flags(n).get("--superlink") or flags(n).get("--runtime-api-address")))[0])
-             for n in by_kind("flower-supernode") + by_kind("flower-superexec")]
+             for n in by_kind("flower-supernode", *EXECUTORS)]
     dials += [(n, environment(n)["SUPERLINK_TLS_NAME"]) for n in by_kind("nginx")]
     for name, host in dials:
         cert = x509.load_pem_x509_certificate(offered[host].read_bytes())
@@ -331,8 +346,9 @@ def test_dockerfile_installs_torch_from_its_index_then_the_rest_and_copies_no_co
     assert '--index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"' in text
     assert "--provided flwr" in text and "check_image.py" in text and "pip check" in text
     copied = [src for line in re.findall(r"^COPY\s+(.+)$", text, flags=re.MULTILINE)
-              for src in line.split() if not src.startswith("--")][:-1]
-    assert sorted(copied) == ["deploy/check_image.py", "deploy/requirements.py", "pyproject.toml"]
+              for src in [w for w in line.split() if not w.startswith("--")][:-1]]
+    # Build tooling and the executor; never the app's code (flwr run ships it with each run).
+    assert sorted(copied) == ["deploy/check_image.py", "deploy/requirements.py", "deploy/superexec.py", "pyproject.toml"]
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert ignore[0] == "*" and sorted(line[1:] for line in ignore[1:]) == sorted(copied)
     deps = requirements(PYPROJECT)
