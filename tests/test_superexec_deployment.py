@@ -1,0 +1,95 @@
+"""flower-app-superexec in a running deployment: a ClientApp process killed mid-message.
+
+README's one-machine deployment with ``--isolation process``: a SuperLink, two SuperNodes, each
+beside a ``flower-app-superexec``. In round 2 the first node's ClientApp process is killed (SIGKILL,
+as the kernel kills a process out of memory) while it works. The SuperNode reports the message as
+failed, as it does for any ClientApp process that dies (Flower's task heartbeat: about 60 s
+later, most of this test's time); the round ends with the other node's update; the executor goes
+on, and round 3 has both nodes again, each message in a new warm process. (TLS, SuperNode
+and executor authentication with this executor: tests/test_deployment.py.)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from deploy.local import ROOT, cluster, free_port, run_app, run_config_string, write_connection
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+RUN_CONFIG: dict[str, bool | int | float | str] = {
+    "num-server-rounds": 3,
+    "local-epochs": 1,
+    "min-fit-clients": 1,  # round 2 goes on with the node that is left
+    "min-available-clients": 2,
+    "fraction-evaluate": 0.0,
+    "max-failure-fraction": 0.5,
+}
+
+
+def _kill_a_clientapp_in_round_2(executor_pid: int, metrics: Path, killed: list[int], stop: threading.Event) -> None:
+    """Once round 1 is in metrics.csv, SIGKILL the first ClientApp process node 1's fork server forks."""
+    executor = psutil.Process(executor_pid)
+    while not stop.is_set():
+        if metrics.exists() and (pd.read_csv(metrics)["round"] >= 1).any():
+            break
+        stop.wait(0.05)
+    while not stop.is_set() and not killed:
+        for server in executor.children():  # the fork server; each of its children runs one message
+            for child in server.children():
+                stop.wait(0.2)  # past its start: it has taken the message
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    continue
+                killed.append(child.pid)
+                return
+        stop.wait(0.02)
+
+
+def test_a_killed_clientapp_process_fails_its_message_and_the_next_round_has_both_nodes(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "run"
+    config = {**RUN_CONFIG, "output-dir": str(out.parent), "run-name": out.name,
+              "data-cache-dir": str(tmp_path / "cache")}
+    with cluster(tmp_path) as group:
+        port = free_port()
+        group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
+                                  "--disable-runtime-dependency-installation"]).wait_for("Uvicorn running", 120)
+        write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
+        for i in (1, 2):
+            runtime = free_port()
+            group.start(f"supernode-{i}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
+                                           "--isolation=process", f"--port={runtime}",
+                                           f"--node-config=partition-id={i - 1} num-partitions=2"])
+            group.start(f"clientapp-{i}", [sys.executable, str(ROOT / "deploy" / "superexec.py"), "--insecure",
+                                           f"--runtime-api-address=127.0.0.1:{runtime}"])
+        for i in (1, 2):
+            group.procs[f"supernode-{i}"].wait_for("SuperNode ID", 120)
+            group.procs[f"clientapp-{i}"].wait_for("Starting Flower SuperExec", 120)
+        killed: list[int] = []
+        stop = threading.Event()
+        killer = threading.Thread(target=_kill_a_clientapp_in_round_2,
+                                  args=(group.procs["clientapp-1"].pid, out / "metrics.csv", killed, stop))
+        killer.start()
+        try:
+            run_app(group, "local-deploy", run_config_string(config), timeout=400)
+        finally:
+            stop.set()
+            killer.join()
+        executor = group.procs["clientapp-1"]
+        assert killed, group.logs()
+        assert executor.find(rf"ClientApp process {killed[0]} ended with exit code -9"), executor.text()[-3000:]
+        assert executor.returncode is None, "the executor went on"
+        frame = pd.read_csv(out / "metrics.csv").set_index("round")
+        assert list(frame.index) == [0, 1, 2, 3], group.logs()
+        assert (frame.loc[1, "results"], frame.loc[1, "failures"]) == (2, 0)
+        assert (frame.loc[2, "results"], frame.loc[2, "failures"]) == (1, 1), frame.to_string()
+        assert (frame.loc[3, "results"], frame.loc[3, "failures"]) == (2, 0), frame.to_string()
+        warm = executor.find(r"Warm ClientApp process \d+: .* s CPU")
+        assert len(warm) >= 2  # rounds 1 and 3, each message in its own warm process
