@@ -45,8 +45,8 @@ ENV FLWR_TELEMETRY_ENABLED=0 \
 
 # The executor: flower-app-superexec (deploy/superexec.py) takes flower-superexec's flags and runs
 # tasks the same way, except that each ClientApp process is forked from a fork server that imported
-# torch and Flower's ClientApp runtime once (README, "Deployment speed"). The ServerApp's executor in
-# compose.yaml is Flower's own. The check runs it in the image (imports and flags).
+# torch and Flower's ClientApp runtime once (README, "Deployment speed: warm ClientApp processes").
+# The ServerApp's executor in compose.yaml is Flower's own. The check runs it in the image.
 COPY --chmod=755 deploy/superexec.py /usr/local/bin/flower-app-superexec
 RUN flower-app-superexec --help > /dev/null
 

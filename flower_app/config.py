@@ -404,7 +404,7 @@ class AppConfig:
         100.0, "an update whose L2 norm exceeds this multiple of the round's lower-median update norm is rejected "
         "(inf = no bound)", min=1.0, allow_inf=True,
     )
-    # --- speed (issue 12; README "Where a deployment round's time goes") ---
+    # --- speed (issue 12; README "Deployment speed: warm ClientApp processes") ---
     federated_evaluation: str = _opt(
         "fit", "federated evaluation: fit (each training client first evaluates the model it received, in the same "
         "message), separate (an evaluate message per client and round), none",
