@@ -283,7 +283,8 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
         wall = time.perf_counter() - started
         metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").exists() else pd.DataFrame()
         phases = phase_table(group) if setting != "simulation" else pd.DataFrame()
-        messages = message_records(group, work / "probe") if setting != "simulation" else pd.DataFrame()
+        messages = (warm_records(group) if setting == "warm" else message_records(group, work / "probe")
+                    if setting != "simulation" else pd.DataFrame())
     if metrics.empty or metrics["round"].max() != rounds:
         raise RuntimeError(f"{tree.label} {setting}: the run did not finish its {rounds} rounds; logs in {work / 'logs'}")
     trained = metrics[metrics["round"] > 0]
@@ -305,6 +306,29 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
             frame.insert(0, "setting", setting)
             frame.insert(0, "tree", tree.label)
     return SettingResult(metrics, phases, messages, summary)
+
+
+def stock_flower_row(model: str, rounds: int, work: Path, model_bytes: int) -> dict[str, Any]:
+    """The same model with a minimal stock-Flower app (benchmarks/stock_app.py), README's insecure deployment.
+
+    Seconds per round = the fit phase from the ServerApp's log (the stock app has no metrics.csv and
+    no evaluation), mean over the rounds after the first.
+    """
+    from benchmarks.stock_app import stock_app_dir
+
+    load_before = load()
+    with cluster(work, {}) as group:
+        _insecure(group, 2, {"num-server-rounds": rounds, "model": model}, stock_app_dir(work / "app"))
+        phases = phase_table(group)
+    fits = phases[phases["phase"] == "fit"] if not phases.empty else phases
+    if len(fits) != rounds:
+        return {"model": model, "tree": "stock-flower", "setting": "insecure",
+                "error": f"{len(fits)} of {rounds} fit rounds; logs in {work / 'logs'}"}
+    later = float(fits[fits["round"] > 1]["phase_s"].mean())
+    return {"model": model, "tree": "stock-flower", "setting": "insecure", "supernodes": 2, "rounds": rounds,
+            "first_round_s": float(fits["phase_s"].iloc[0]), "later_rounds_mean_s": later,
+            "all_rounds_mean_s": float(fits["phase_s"].mean()), "load_before": load_before, "load_after": load(),
+            "model_mb": model_bytes / 1e6, "useful_gb_per_s": 4 * model_bytes / later / 1e9}
 
 
 # ------------------------------------------------------------------------------ the timeline
@@ -514,11 +538,37 @@ def copies_table(tree: Tree, model: str, repeats: int) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------- tables
+_WARM = re.compile(r"Warm ClientApp process (\d+): ([0-9.]+) s, ([0-9.]+) s CPU")
+
+
+def warm_records(group: Cluster) -> pd.DataFrame:
+    """One row per warm ClientApp process (flower-app-superexec's log): message type, seconds, CPU seconds.
+
+    Its message is the last one its SuperNode received before the process started.
+    """
+    rows = []
+    for name, proc in group.procs.items():
+        if not name.startswith("clientapp-"):
+            continue
+        node = name.replace("clientapp", "supernode")
+        received = [(t, m.group(2)) for t, line in group.procs[node].lines
+                    if (m := _MSG.search(line)) and m.group(1) == "Receiving"] if node in group.procs else []
+        for ended, line in proc.lines:
+            if not (m := _WARM.search(line)):
+                continue
+            wall, cpu = float(m.group(2)), float(m.group(3))
+            before = [kind for t, kind in received if t <= ended - wall + 0.05]
+            rows.append({"message": "fit" if before and before[-1] == "train" else "evaluate", "port": node,
+                         "spawned": ended - wall, "total_s": wall, "warm process CPU": cpu})
+    return pd.DataFrame(rows).sort_values("spawned") if rows else pd.DataFrame()
+
+
 def message_summary(messages: pd.DataFrame) -> pd.DataFrame:
     """Mean seconds per step, per tree, setting and message type (phase -> seconds)."""
     if messages.empty:
         return pd.DataFrame()
-    steps = [s for s, _, _ in MESSAGE_STEPS] + ["total_s"]
+    steps = [s for s, _, _ in MESSAGE_STEPS] + ["warm process CPU", "total_s"]
+    messages = messages.reindex(columns=[*messages.columns.drop(steps, errors="ignore"), *steps])
     table = messages.groupby(["tree", "setting", "supernodes", "message"])[steps].mean().T
     return table
 
@@ -563,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 4)
     counts = [int(n) for n in (args.supernodes or ("2" if args.quick else "2,10")).split(",")]
-    settings = [s.strip() for s in (args.settings or "simulation,insecure,insecure-separate").split(",") if s.strip()]
+    settings = [s.strip() for s in (args.settings or "simulation,insecure,insecure-separate,warm").split(",")
+                if s.strip()]
     models = [m for m in (args.models or ("mlp-stack-10m" if args.quick else "mlp-stack-10m,mlp-stack-100m")).split(",")
               if m and m != "none"]
     unknown = sorted(set(settings) - set(SETTINGS))
@@ -589,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nodes in counts:
             for setting in settings:
                 for tree in trees:
-                    if setting == "insecure-separate" and not tree.has_speed_keys:
+                    if setting in ("insecure-separate", "warm") and not tree.has_speed_keys:
                         continue  # the baseline's only mode is 'insecure'
                     log.info("%s %s: %d SuperNodes, %d rounds (load %.1f) ...", tree.label, setting, nodes, rounds, load())
                     result = run_setting(setting, rounds, nodes, root / f"{tree.label}-{setting}-{nodes}", tree)
@@ -639,6 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         goal_row = cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)"]
         cold.loc["message minus bare import (two at once); goal <= 1.0"] = goal_row - bare[
             'python -c "import torch, flwr" (two at once)']
+        warm = (messages[(messages["message"] == "fit") & (messages["setting"] == "warm") & (messages["supernodes"] == nodes)]
+                if not messages.empty else messages)
+        if len(warm) > nodes:
+            name = f"deployed fit message, warm (flower-app-superexec), fork to exit ({nodes} SuperNodes, after round 1)"
+            cold.loc[name, "branch"] = float(warm["total_s"].iloc[nodes:].median())
+            cold.loc["warm message minus bare import (two at once); goal <= 1.0", "branch"] = (
+                cold.loc[name, "branch"] - bare['python -c "import torch, flwr" (two at once)'])
         tables["cold"] = cold
         tables["imports"] = pd.concat([import_table(t) for t in trees])
 
@@ -682,6 +740,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(fit_mode) and len(separate):
                 lever(f"federated evaluation in the fit message ({nodes_} SuperNodes)", float(separate.iloc[0]),
                       float(fit_mode.iloc[0]), "deployed round (after round 1): federated-evaluation separate vs fit")
+            warm_mode = sel[sel["setting"] == "warm"]["later_rounds_mean_s"]
+            if len(fit_mode) and len(warm_mode):
+                lever(f"warm ClientApp processes ({nodes_} SuperNodes)", float(fit_mode.iloc[0]),
+                      float(warm_mode.iloc[0]), "deployed round (after round 1): flower-superexec (a new flwr-clientapp "
+                      "a message) vs flower-app-superexec (forked from a warm fork server)")
         phases = tables["phases"]
         if base is not None and not phases.empty and max(counts) > (os.cpu_count() or 1) + 4:
             big = max(counts)
@@ -712,8 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model_trees = [branch] + ([base] if base is not None and model == models[-1] and not args.quick else [])
                 for tree in model_trees:
                     app = large_app_dir(tree.path, root / f"app-{tree.label}-{model}")
-                    for setting in ("simulation", "insecure"):
-                        if tree is base and setting == "simulation":
+                    for setting in ("simulation", "insecure", "warm"):
+                        if tree is base and setting != "insecure":
                             continue
                         log.info("%s %s %s (%.0f MB, load %.1f) ...", tree.label, model, setting, model_bytes / 1e6, load())
                         try:
@@ -725,6 +788,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             continue
                         model_rows.append({"model": model, **result.summary})
                         tables["models"] = pd.DataFrame(model_rows)
+                log.info("stock Flower %s insecure (load %.1f) ...", model, load())
+                model_rows.append(stock_flower_row(model, rounds, root / f"stock-{model}", model_bytes))
+                tables["models"] = pd.DataFrame(model_rows)
         tables["models"] = pd.DataFrame(model_rows)
     finally:
         remove_worktree(worktree)
