@@ -18,9 +18,11 @@ Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>
     tree, setting and number of SuperNodes. Settings: ``simulation`` (``flower-superlink
     --simulation``), ``insecure`` (README's one-machine deployment: subprocess isolation),
     ``secure`` (compose.yaml's commands: nginx, TLS, SuperNode and executor authentication,
-    database, process isolation), ``secure-poll-0.1`` (executors polling every 0.1 s), and the
-    branch's ``insecure-separate`` (``federated-evaluation='separate'``: an evaluate message per
-    client and round, as before).
+    database, process isolation; its SuperNodes' executors are the image's ``flower-app-superexec``),
+    ``secure-poll-0.1`` (executors polling every 0.1 s), and the branch's ``insecure-separate``
+    (``federated-evaluation='separate'``: an evaluate message per client and round, as before) and
+    ``warm`` (``insecure`` with ``--isolation process`` and ``deploy/superexec.py`` beside each
+    SuperNode: every ClientApp process forked from a warm fork server).
 ``phases``
     per round and phase (fit, evaluate) from the processes' time-stamped logs: the wait until the
     first and the last SuperNode pull their message (SuperNodes poll every 3 s; the last pull also
@@ -32,12 +34,14 @@ Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>
     the SuperNodes' PATH): executor poll and fork, Python start-up, Flower's ``flwr-clientapp``
     imports, pulling the message, context, run and FAB, unpacking the FAB, importing the app,
     building the client (config, data, model), the fit or evaluate itself, Flower's reply
-    conversion, pushing the reply, the SuperNode's next look for it, and the process's exit.
+    conversion, pushing the reply, the SuperNode's next look for it, and the process's exit. For
+    ``warm``, from ``flower-app-superexec``'s log: each warm process's seconds (fork to exit) and
+    CPU seconds.
 ``cold``
     a cold ClientApp in a fresh process, step by step (median of ``--cold-repeats``), per tree,
     next to bare ``python -c "import torch, flwr"`` (alone, and two at once as two SuperNodes' clients
-    start) and Flower's own ``flwr-clientapp`` imports; the goal line compares a deployed fit message
-    (spawn to exit) with the bare import.
+    start) and Flower's own ``flwr-clientapp`` imports; the goal lines compare a deployed fit message
+    (spawn to exit; for ``warm``, fork to exit) with the bare import.
 ``imports``
     the biggest imports of ``flower_app.client_app`` (``python -X importtime``) per tree.
 ``levers``
@@ -50,7 +54,9 @@ Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>
 ``models``
     10M- and 100M-parameter transformer-like MLP stacks (``benchmarks/large_model_app.py``), 2
     SuperNodes: seconds per round and useful GB/s (model bytes sent and received per round over the
-    round's seconds) deployed and in simulation.
+    round's seconds) deployed (``insecure`` and ``warm``) and in simulation, and the same models with
+    a minimal stock-Flower app (``benchmarks/stock_app.py``: FedAvg and a NumPyClient) deployed the
+    ``insecure`` way, in the same run.
 """
 
 from __future__ import annotations
@@ -584,6 +590,8 @@ class Tables(dict[str, pd.DataFrame]):
         super().__setitem__(name, table)
         if not table.empty:
             now = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+            if isinstance(table.columns, pd.MultiIndex):  # messages: tree / setting / supernodes / message
+                table = table.set_axis([" / ".join(map(str, c)) for c in table.columns], axis=1)
             table.assign(uptime=now).to_csv(self.out / f"deployment{self.tag}_{name}.csv",
                                             index=name in ("messages", "cold"))
 
@@ -609,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cold-repeats", type=int, default=3, help="fresh-process client timings (median)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work directories (logs) and print their path")
+    parser.add_argument("--rounds-only", action="store_true",
+                        help="only the settings' tables (rounds, phases, messages): no cold clients, levers or models")
     parser.add_argument("--tag", default="", help="suffix of the CSV names, e.g. '-quick' -> deployment-quick_rounds.csv")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 4)
@@ -657,141 +667,142 @@ def main(argv: Sequence[str] | None = None) -> int:
                     messages = pd.concat(message_frames) if message_frames else pd.DataFrame()
                     tables["messages"] = message_summary(messages)
 
-        # ---- the cold client, bare imports, the import list
-        log.info("cold clients (load %.1f) ...", load())
-        cold_rows = []
-        nodes = counts[0]
-        cores = os.cpu_count() or 1
-        auto_threads = max(1, cores // nodes)  # what torch-threads=auto gives with `nodes` SuperNodes on this host
-        for tree in trees:
-            run_config: dict[str, Any] = {}
-            cold_args: dict[str, Any] = {"nodes": nodes, "run_config": run_config}
-            if tree.has_speed_keys:
-                run_config["data-cache-dir"] = str(root / "cold-cache")
-                cold_args["threads"] = auto_threads
-                cold_runs(tree, cold_args, 1)  # prepares the node cache
-            frame = cold_runs(tree, cold_args, args.cold_repeats)
-            cold_rows.append(frame.median().rename(tree.label))
-        cold = pd.concat(cold_rows, axis=1)
-        bare = {
-            'python -c "import torch, flwr" (alone)': timed_process("import torch, flwr", args.cold_repeats),
-            'python -c "import torch, flwr" (two at once)': timed_process("import torch, flwr", args.cold_repeats, 2),
-            "flwr-clientapp's imports + torch (alone)": timed_process(
-                "import torch, flwr.supernode.cli.flwr_clientapp", args.cold_repeats),
-        }
-        for name, seconds in bare.items():
-            cold.loc[name] = seconds
-        fits = messages[(messages["message"] == "fit") & (messages["setting"] == "insecure")] if not messages.empty else messages
-        for tree in trees:
-            mine = fits[(fits["tree"] == tree.label) & (fits["supernodes"] == nodes)] if not fits.empty else fits
-            # Round 1 prepares the data cache; the steady state is every later message.
-            value = float(mine["total_s"].iloc[nodes:].median()) if len(mine) > nodes else math.nan
-            cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)", tree.label] = value
-        goal_row = cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)"]
-        cold.loc["message minus bare import (two at once); goal <= 1.0"] = goal_row - bare[
-            'python -c "import torch, flwr" (two at once)']
-        warm = (messages[(messages["message"] == "fit") & (messages["setting"] == "warm") & (messages["supernodes"] == nodes)]
-                if not messages.empty else messages)
-        if len(warm) > nodes:
-            name = f"deployed fit message, warm (flower-app-superexec), fork to exit ({nodes} SuperNodes, after round 1)"
-            cold.loc[name, "branch"] = float(warm["total_s"].iloc[nodes:].median())
-            cold.loc["warm message minus bare import (two at once); goal <= 1.0", "branch"] = (
-                cold.loc[name, "branch"] - bare['python -c "import torch, flwr" (two at once)'])
-        tables["cold"] = cold
-        tables["imports"] = pd.concat([import_table(t) for t in trees])
+        if not args.rounds_only:
+            # ---- the cold client, bare imports, the import list
+            log.info("cold clients (load %.1f) ...", load())
+            cold_rows = []
+            nodes = counts[0]
+            cores = os.cpu_count() or 1
+            auto_threads = max(1, cores // nodes)  # what torch-threads=auto gives with `nodes` SuperNodes on this host
+            for tree in trees:
+                run_config: dict[str, Any] = {}
+                cold_args: dict[str, Any] = {"nodes": nodes, "run_config": run_config}
+                if tree.has_speed_keys:
+                    run_config["data-cache-dir"] = str(root / "cold-cache")
+                    cold_args["threads"] = auto_threads
+                    cold_runs(tree, cold_args, 1)  # prepares the node cache
+                frame = cold_runs(tree, cold_args, args.cold_repeats)
+                cold_rows.append(frame.median().rename(tree.label))
+            cold = pd.concat(cold_rows, axis=1)
+            bare = {
+                'python -c "import torch, flwr" (alone)': timed_process("import torch, flwr", args.cold_repeats),
+                'python -c "import torch, flwr" (two at once)': timed_process("import torch, flwr", args.cold_repeats, 2),
+                "flwr-clientapp's imports + torch (alone)": timed_process(
+                    "import torch, flwr.supernode.cli.flwr_clientapp", args.cold_repeats),
+            }
+            for name, seconds in bare.items():
+                cold.loc[name] = seconds
+            fits = messages[(messages["message"] == "fit") & (messages["setting"] == "insecure")] if not messages.empty else messages
+            for tree in trees:
+                mine = fits[(fits["tree"] == tree.label) & (fits["supernodes"] == nodes)] if not fits.empty else fits
+                # Round 1 prepares the data cache; the steady state is every later message.
+                value = float(mine["total_s"].iloc[nodes:].median()) if len(mine) > nodes else math.nan
+                cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)", tree.label] = value
+            goal_row = cold.loc[f"deployed fit message, spawn to exit ({nodes} SuperNodes, after round 1)"]
+            cold.loc["message minus bare import (two at once); goal <= 1.0"] = goal_row - bare[
+                'python -c "import torch, flwr" (two at once)']
+            warm = (messages[(messages["message"] == "fit") & (messages["setting"] == "warm") & (messages["supernodes"] == nodes)]
+                    if not messages.empty else messages)
+            if len(warm) > nodes:
+                name = f"deployed fit message, warm (flower-app-superexec), fork to exit ({nodes} SuperNodes, after round 1)"
+                cold.loc[name, "branch"] = float(warm["total_s"].iloc[nodes:].median())
+                cold.loc["warm message minus bare import (two at once); goal <= 1.0", "branch"] = (
+                    cold.loc[name, "branch"] - bare['python -c "import torch, flwr" (two at once)'])
+            tables["cold"] = cold
+            tables["imports"] = pd.concat([import_table(t) for t in trees])
 
-        # ---- levers, each measured in this run
-        log.info("levers (load %.1f) ...", load())
-        lever_rows: list[dict[str, Any]] = []
+            # ---- levers, each measured in this run
+            log.info("levers (load %.1f) ...", load())
+            lever_rows: list[dict[str, Any]] = []
 
-        def lever(name: str, off: float, on: float, what: str) -> None:
-            lever_rows.append({"lever": name, "without_s": off, "with_s": on, "gain_ratio": ratio(off, on), "measured": what,
-                               "load": load()})
+            def lever(name: str, off: float, on: float, what: str) -> None:
+                lever_rows.append({"lever": name, "without_s": off, "with_s": on, "gain_ratio": ratio(off, on), "measured": what,
+                                   "load": load()})
 
-        if base is not None:
-            lever("client imports (own modules)", own_import_seconds(base, args.cold_repeats),
-                  own_import_seconds(branch, args.cold_repeats),
-                  "import flower_app.client_app after torch + flwr-clientapp's imports: base vs branch")
-        cache_dir = str(root / "lever-cache")
-        cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}}, 1)
-        cached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1},
-                           args.cold_repeats)
-        uncached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache": False}, "threads": 1}, args.cold_repeats)
-        lever("node data cache", float(uncached["load partition"].median()), float(cached["load partition"].median()),
-              "load partition in a fresh process: data-cache=false vs a cache hit")
-        one_thread = {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1}
-        optim = cold_runs(branch, {**one_thread, "torch_optim": True}, args.cold_repeats)
-        ours = cold_runs(branch, one_thread, args.cold_repeats)
-        lever("SGD without torch.optim (no torch._dynamo)", float(optim["first fit"].median()),
-              float(ours["first fit"].median()), "first fit in a fresh process, 1 thread: torch.optim.SGD vs flower_app.sgd")
-        many = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": cores},
-                         args.cold_repeats, at_once=2)
-        one = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": max(1, cores // 2)},
-                        args.cold_repeats, at_once=2)
-        lever("thread policy (2 clients on one host)", float(many["second fit (warm)"].median()),
-              float(one["second fit (warm)"].median()),
-              f"warm fit, two client processes at once: {cores} threads each (torch's default) vs {max(1, cores // 2)} "
-              "(the auto policy: cores / SuperNodes)")
-        rounds_table = tables["rounds"]
-        for nodes_ in counts:
-            sel = rounds_table[(rounds_table["tree"] == "branch") & (rounds_table["supernodes"] == nodes_)]
-            fit_mode = sel[sel["setting"] == "insecure"]["later_rounds_mean_s"]
-            separate = sel[sel["setting"] == "insecure-separate"]["later_rounds_mean_s"]
-            if len(fit_mode) and len(separate):
-                lever(f"federated evaluation in the fit message ({nodes_} SuperNodes)", float(separate.iloc[0]),
-                      float(fit_mode.iloc[0]), "deployed round (after round 1): federated-evaluation separate vs fit")
-            warm_mode = sel[sel["setting"] == "warm"]["later_rounds_mean_s"]
-            if len(fit_mode) and len(warm_mode):
-                lever(f"warm ClientApp processes ({nodes_} SuperNodes)", float(fit_mode.iloc[0]),
-                      float(warm_mode.iloc[0]), "deployed round (after round 1): flower-superexec (a new flwr-clientapp "
-                      "a message) vs flower-app-superexec (forked from a warm fork server)")
-        phases = tables["phases"]
-        if base is not None and not phases.empty and max(counts) > (os.cpu_count() or 1) + 4:
-            big = max(counts)
-            sel = phases[(phases["phase"] == "fit") & (phases["supernodes"] == big) & (phases["setting"] == "insecure")]
-            before = sel[sel["tree"] == "base"]["until_last_pull_s"].mean()
-            after = sel[sel["tree"] == "branch"]["until_last_pull_s"].mean()
-            lever(f"sender pool sized to the cohort ({big} SuperNodes)", float(before), float(after),
-                  "fit phase: until the last SuperNode pulls its message, base (min(32, CPUs + 4) senders) vs branch")
-        copies = copies_table(branch, models[-1] if models else "mlp-stack-10m", max(1, args.cold_repeats - 1))
-        tables["copies"] = copies
-        by = copies.set_index("client")
-        lever(f"fewer copies, client side ({by['model'].iloc[0]}, seconds)", float(by.loc["numpy", "seconds"]),
-              float(by.loc["array", "seconds"]), "one fit's conversions: NumPyClient.to_client() vs ArrayClient")
-        lever(f"fewer copies, client side ({by['model'].iloc[0]}, peak memory in models)",
-              float(by.loc["numpy", "peak_growth_models"]), float(by.loc["array", "peak_growth_models"]),
-              "peak memory growth during one fit's conversions, in model sizes")
-        tables["levers"] = pd.DataFrame(lever_rows)
+            if base is not None:
+                lever("client imports (own modules)", own_import_seconds(base, args.cold_repeats),
+                      own_import_seconds(branch, args.cold_repeats),
+                      "import flower_app.client_app after torch + flwr-clientapp's imports: base vs branch")
+            cache_dir = str(root / "lever-cache")
+            cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}}, 1)
+            cached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1},
+                               args.cold_repeats)
+            uncached = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache": False}, "threads": 1}, args.cold_repeats)
+            lever("node data cache", float(uncached["load partition"].median()), float(cached["load partition"].median()),
+                  "load partition in a fresh process: data-cache=false vs a cache hit")
+            one_thread = {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": 1}
+            optim = cold_runs(branch, {**one_thread, "torch_optim": True}, args.cold_repeats)
+            ours = cold_runs(branch, one_thread, args.cold_repeats)
+            lever("SGD without torch.optim (no torch._dynamo)", float(optim["first fit"].median()),
+                  float(ours["first fit"].median()), "first fit in a fresh process, 1 thread: torch.optim.SGD vs flower_app.sgd")
+            many = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": cores},
+                             args.cold_repeats, at_once=2)
+            one = cold_runs(branch, {"nodes": nodes, "run_config": {"data-cache-dir": cache_dir}, "threads": max(1, cores // 2)},
+                            args.cold_repeats, at_once=2)
+            lever("thread policy (2 clients on one host)", float(many["second fit (warm)"].median()),
+                  float(one["second fit (warm)"].median()),
+                  f"warm fit, two client processes at once: {cores} threads each (torch's default) vs {max(1, cores // 2)} "
+                  "(the auto policy: cores / SuperNodes)")
+            rounds_table = tables["rounds"]
+            for nodes_ in counts:
+                sel = rounds_table[(rounds_table["tree"] == "branch") & (rounds_table["supernodes"] == nodes_)]
+                fit_mode = sel[sel["setting"] == "insecure"]["later_rounds_mean_s"]
+                separate = sel[sel["setting"] == "insecure-separate"]["later_rounds_mean_s"]
+                if len(fit_mode) and len(separate):
+                    lever(f"federated evaluation in the fit message ({nodes_} SuperNodes)", float(separate.iloc[0]),
+                          float(fit_mode.iloc[0]), "deployed round (after round 1): federated-evaluation separate vs fit")
+                warm_mode = sel[sel["setting"] == "warm"]["later_rounds_mean_s"]
+                if len(fit_mode) and len(warm_mode):
+                    lever(f"warm ClientApp processes ({nodes_} SuperNodes)", float(fit_mode.iloc[0]),
+                          float(warm_mode.iloc[0]), "deployed round (after round 1): flower-superexec (a new flwr-clientapp "
+                          "a message) vs flower-app-superexec (forked from a warm fork server)")
+            phases = tables["phases"]
+            if base is not None and not phases.empty and max(counts) > (os.cpu_count() or 1) + 4:
+                big = max(counts)
+                sel = phases[(phases["phase"] == "fit") & (phases["supernodes"] == big) & (phases["setting"] == "insecure")]
+                before = sel[sel["tree"] == "base"]["until_last_pull_s"].mean()
+                after = sel[sel["tree"] == "branch"]["until_last_pull_s"].mean()
+                lever(f"sender pool sized to the cohort ({big} SuperNodes)", float(before), float(after),
+                      "fit phase: until the last SuperNode pulls its message, base (min(32, CPUs + 4) senders) vs branch")
+            copies = copies_table(branch, models[-1] if models else "mlp-stack-10m", max(1, args.cold_repeats - 1))
+            tables["copies"] = copies
+            by = copies.set_index("client")
+            lever(f"fewer copies, client side ({by['model'].iloc[0]}, seconds)", float(by.loc["numpy", "seconds"]),
+                  float(by.loc["array", "seconds"]), "one fit's conversions: NumPyClient.to_client() vs ArrayClient")
+            lever(f"fewer copies, client side ({by['model'].iloc[0]}, peak memory in models)",
+                  float(by.loc["numpy", "peak_growth_models"]), float(by.loc["array", "peak_growth_models"]),
+                  "peak memory growth during one fit's conversions, in model sizes")
+            tables["levers"] = pd.DataFrame(lever_rows)
 
-        # ---- large models
-        model_rows = []
-        if models:
-            from benchmarks.large_model_app import large_app_dir, num_parameters
+            # ---- large models
+            model_rows = []
+            if models:
+                from benchmarks.large_model_app import large_app_dir, num_parameters
 
-            for model in models:
-                model_bytes = 4 * num_parameters(model)
-                extra = {"model": model, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200,
-                         "batch-size": 64, "local-epochs": 1, "fraction-evaluate": 0.0}
-                model_trees = [branch] + ([base] if base is not None and model == models[-1] and not args.quick else [])
-                for tree in model_trees:
-                    app = large_app_dir(tree.path, root / f"app-{tree.label}-{model}")
-                    for setting in ("simulation", "insecure", "warm"):
-                        if tree is base and setting != "insecure":
-                            continue
-                        log.info("%s %s %s (%.0f MB, load %.1f) ...", tree.label, model, setting, model_bytes / 1e6, load())
-                        try:
-                            result = run_setting(setting, rounds, 2, root / f"{tree.label}-{model}-{setting}", tree,
-                                                 project=app, extra=extra, model_bytes=model_bytes)
-                        except (RuntimeError, TimeoutError) as err:  # recorded; the other runs still count
-                            log.error("%s %s %s failed: %s", tree.label, model, setting, err)
-                            model_rows.append({"model": model, "tree": tree.label, "setting": setting, "error": str(err)[:300]})
-                            continue
-                        model_rows.append({"model": model, **result.summary})
-                        tables["models"] = pd.DataFrame(model_rows)
-                log.info("stock Flower %s insecure (load %.1f) ...", model, load())
-                model_rows.append(stock_flower_row(model, rounds, root / f"stock-{model}", model_bytes))
-                tables["models"] = pd.DataFrame(model_rows)
-        tables["models"] = pd.DataFrame(model_rows)
+                for model in models:
+                    model_bytes = 4 * num_parameters(model)
+                    extra = {"model": model, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200,
+                             "batch-size": 64, "local-epochs": 1, "fraction-evaluate": 0.0}
+                    model_trees = [branch] + ([base] if base is not None and model == models[-1] and not args.quick else [])
+                    for tree in model_trees:
+                        app = large_app_dir(tree.path, root / f"app-{tree.label}-{model}")
+                        for setting in ("simulation", "insecure", "warm"):
+                            if tree is base and setting != "insecure":
+                                continue
+                            log.info("%s %s %s (%.0f MB, load %.1f) ...", tree.label, model, setting, model_bytes / 1e6, load())
+                            try:
+                                result = run_setting(setting, rounds, 2, root / f"{tree.label}-{model}-{setting}", tree,
+                                                     project=app, extra=extra, model_bytes=model_bytes)
+                            except (RuntimeError, TimeoutError) as err:  # recorded; the other runs still count
+                                log.error("%s %s %s failed: %s", tree.label, model, setting, err)
+                                model_rows.append({"model": model, "tree": tree.label, "setting": setting, "error": str(err)[:300]})
+                                continue
+                            model_rows.append({"model": model, **result.summary})
+                            tables["models"] = pd.DataFrame(model_rows)
+                    log.info("stock Flower %s insecure (load %.1f) ...", model, load())
+                    model_rows.append(stock_flower_row(model, rounds, root / f"stock-{model}", model_bytes))
+                    tables["models"] = pd.DataFrame(model_rows)
+            tables["models"] = pd.DataFrame(model_rows)
     finally:
         remove_worktree(worktree)
         if args.keep:
