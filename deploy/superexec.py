@@ -34,6 +34,7 @@ shadows the code a run ships.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import logging
 import math
@@ -70,7 +71,7 @@ DEFAULT_PRELOAD = ("numpy", "torch", "flwr.supernode.runtime.run_clientapp", "fl
                    "flwr.common")
 # Seconds between AcquireTask calls (flower-superexec: 1.0). No slower to start a task than a shorter
 # interval, as long as it is at most DEFAULT_MIN_TASK_AGE; an idle node's executor and SuperNode
-# then spend about 1.5% of a core on polling (0.2 s: 2.3%, 1.0 s: 0.7%).
+# then spend about 1.8% of a core on polling, measured (0.2 s: 2.3%, 1.0 s: 0.65%).
 DEFAULT_POLL_INTERVAL = 0.3
 # A SuperNode creates a message's task before it has pulled the message's arrays from the SuperLink
 # (flwr/supernode/start_client_internal.py); a ClientApp that asks for them too early waits out
@@ -98,6 +99,12 @@ def run_clientapp_task(runtime_api_address: str, token: str, insecure: bool, cer
     Logs the process's wall-clock and CPU seconds when it ends (Flower's ``run_clientapp`` ends the
     process with ``sys.exit``).
     """
+    # What this process inherited from the fork server (torch's and Flower's objects) leaves the
+    # garbage collector's reach: a full collection here would scan it all and, by writing to every
+    # object it visits, copy the fork server's memory page by page. O(1). Measured in a process
+    # forked from a fork server with torch imported (import a module, allocate 200,000 objects,
+    # collect): 0.16 s of CPU and 26,000 page faults without it, 0.04 s and 11,000 with it.
+    gc.freeze()
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     started, cpu = time.monotonic(), time.process_time()
