@@ -91,12 +91,12 @@ from deploy.local import (
     run_app,
     run_config_string,
     start_compose_deployment,
+    start_local_deployment,
     write_connection,
 )
 
 log = logging.getLogger("bench_deployment")
 SETTINGS = ("simulation", "insecure", "insecure-separate", "warm", "secure", "secure-poll-0.1")
-SUPEREXEC = ROOT / "deploy" / "superexec.py"
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE_REF = "966ad3b"  # main before issue 12 (the merge of branch 'strat')
 PROBE = ROOT / "benchmarks" / "clientapp_probe.py"
@@ -219,37 +219,14 @@ def _simulation(group: Cluster, nodes: int, config: dict[str, Any], project: Pat
 
 
 def _insecure(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
-    port = free_port()
-    link = group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
-                                     "--disable-runtime-dependency-installation"])
-    link.wait_for("Uvicorn running", 120)
-    write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
-    for i in range(nodes):
-        group.start(f"supernode-{i + 1}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
-                                           f"--port={free_port()}", f"--node-config=partition-id={i} num-partitions={nodes}"])
-    for i in range(nodes):
-        group.procs[f"supernode-{i + 1}"].wait_for("SuperNode ID", 300)
-    return run_app(group, "local-deploy", run_config_string(config), timeout=3600, project=project)
+    connection = start_local_deployment(group, nodes)
+    return run_app(group, connection, run_config_string(config), timeout=3600, project=project)
 
 
 def _warm(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
     """README's one-machine deployment with ``--isolation process``, each SuperNode beside a ``flower-app-superexec``."""
-    port = free_port()
-    link = group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
-                                     "--disable-runtime-dependency-installation"])
-    link.wait_for("Uvicorn running", 120)
-    write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
-    for i in range(nodes):
-        runtime = free_port()
-        group.start(f"supernode-{i + 1}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
-                                           "--isolation=process", f"--port={runtime}",
-                                           f"--node-config=partition-id={i} num-partitions={nodes}"])
-        group.start(f"clientapp-{i + 1}", [sys.executable, str(SUPEREXEC), "--insecure",
-                                           f"--runtime-api-address=127.0.0.1:{runtime}"])
-    for i in range(nodes):
-        group.procs[f"supernode-{i + 1}"].wait_for("SuperNode ID", 300)
-        group.procs[f"clientapp-{i + 1}"].wait_for("Starting Flower SuperExec", 300)  # its fork server is warm
-    return run_app(group, "local-deploy", run_config_string(config), timeout=3600, project=project)
+    connection = start_local_deployment(group, nodes, warm=True)
+    return run_app(group, connection, run_config_string(config), timeout=3600, project=project)
 
 
 def _secure(group: Cluster, nodes: int, config: dict[str, Any], work: Path, project: Path) -> Process:

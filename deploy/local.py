@@ -428,6 +428,33 @@ def json_output(proc: Process) -> dict[str, Any]:
     return dict(json.loads(text[start : text.rfind("}") + 1]))
 
 
+def start_local_deployment(group: Cluster, nodes: int, warm: bool = False, connection: str = "local-deploy") -> str:
+    """README's insecure one-machine deployment: a SuperLink and ``nodes`` SuperNodes on partitions 0..nodes-1.
+
+    ``warm``: each SuperNode in ``--isolation process`` beside a ``flower-app-superexec``
+    (deploy/superexec.py); otherwise Flower's default, a ``flwr-clientapp`` process a message. Returns
+    once every SuperNode has its node ID (and every executor its fork server); the CLI connection
+    ``connection`` is written to the group's FLWR_HOME.
+    """
+    port = free_port()
+    group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
+                              "--disable-runtime-dependency-installation"]).wait_for("Uvicorn running", 120)
+    write_connection(group.home, connection, f"127.0.0.1:{port}")
+    for i in range(1, nodes + 1):
+        runtime = free_port()
+        group.start(f"supernode-{i}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
+                                       *(["--isolation=process"] if warm else []), f"--port={runtime}",
+                                       f"--node-config=partition-id={i - 1} num-partitions={nodes}"])
+        if warm:
+            group.start(f"clientapp-{i}", [*IMAGE_COMMANDS["flower-app-superexec"], "--insecure",
+                                           f"--runtime-api-address=127.0.0.1:{runtime}"])
+    for i in range(1, nodes + 1):
+        group.procs[f"supernode-{i}"].wait_for("SuperNode ID", 300)
+        if warm:
+            group.procs[f"clientapp-{i}"].wait_for("Starting Flower SuperExec", 300)
+    return connection
+
+
 def register_supernode(group: Cluster, public_key: Path, connection: str, name: str) -> str:
     """`flwr supernode register`; returns the node ID Flower assigned."""
     proc = flwr(group, f"register-{name}", ["supernode", "register", str(public_key), connection, "--name", name,

@@ -11,7 +11,6 @@ and executor authentication with this executor: tests/test_deployment.py.)
 
 from __future__ import annotations
 
-import sys
 import threading
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from deploy.local import ROOT, cluster, free_port, run_app, run_config_string, write_connection
+from deploy.local import cluster, run_app, run_config_string, start_local_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -58,27 +57,14 @@ def test_a_killed_clientapp_process_fails_its_message_and_the_next_round_has_bot
     config = {**RUN_CONFIG, "output-dir": str(out.parent), "run-name": out.name,
               "data-cache-dir": str(tmp_path / "cache")}
     with cluster(tmp_path) as group:
-        port = free_port()
-        group.start("superlink", ["flower-superlink", "--insecure", "--host=127.0.0.1", f"--port={port}",
-                                  "--disable-runtime-dependency-installation"]).wait_for("Uvicorn running", 120)
-        write_connection(group.home, "local-deploy", f"127.0.0.1:{port}")
-        for i in (1, 2):
-            runtime = free_port()
-            group.start(f"supernode-{i}", ["flower-supernode", "--insecure", f"--superlink=127.0.0.1:{port}",
-                                           "--isolation=process", f"--port={runtime}",
-                                           f"--node-config=partition-id={i - 1} num-partitions=2"])
-            group.start(f"clientapp-{i}", [sys.executable, str(ROOT / "deploy" / "superexec.py"), "--insecure",
-                                           f"--runtime-api-address=127.0.0.1:{runtime}"])
-        for i in (1, 2):
-            group.procs[f"supernode-{i}"].wait_for("SuperNode ID", 120)
-            group.procs[f"clientapp-{i}"].wait_for("Starting Flower SuperExec", 120)
+        connection = start_local_deployment(group, 2, warm=True)
         killed: list[int] = []
         stop = threading.Event()
         killer = threading.Thread(target=_kill_a_clientapp_in_round_2,
                                   args=(group.procs["clientapp-1"].pid, out / "metrics.csv", killed, stop))
         killer.start()
         try:
-            run_app(group, "local-deploy", run_config_string(config), timeout=400)
+            run_app(group, connection, run_config_string(config), timeout=400)
         finally:
             stop.set()
             killer.join()
