@@ -17,8 +17,9 @@ Flower's own ``run_clientapp`` (the body of ``flwr-clientapp``) with the task's 
   of its Runtime API (``--root-certificates``) and SuperExec authentication
   (``--superexec-auth-secret-file``) work as with ``flower-superexec``;
 - a crash is contained: a ClientApp process that dies is reported by the SuperNode like any failed
-  message; a fork server that dies is started again (warm again within seconds), and until then,
-  or whenever a warm start fails, the task is started the cold way, as ``flower-superexec`` does;
+  message; a fork server that dies is started again (a task launched meanwhile waits for its
+  imports); a warm start that fails for any reason starts the task the cold way, as
+  ``flower-superexec`` does;
 - other task types (``flwr-serverapp`` and the rest) start the cold way.
 
 Run it where ``flower-superexec`` would run (``compose.yaml``'s ``clientapp-N`` services, or next to
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import math
 import multiprocessing
 import multiprocessing.forkserver
@@ -84,11 +84,8 @@ WARM_TASK_TYPES = frozenset({TaskType.CLIENT_APP})
 # The modules this file imports. multiprocessing runs the main script's top level again in every
 # process it starts (Python 3.11's fork server does not preload ``__main__``); with these preloaded,
 # that costs nothing.
-OWN_IMPORTS = tuple(sorted({obj.__module__ for obj in (
-    start_parent_process_monitor, load_superexec_auth_secret, flwr_exit, RuntimeVersionHttpInterceptor,
-    ProtobufClientInterceptor, make_simple_http_retry_invoker, RuntimeHttpClient, SubprocessExecutor,
-    AutoExecPlugin, EventType, validate_and_resolve_root_certificates)} | {"flwr.proto.runtime_pb2", "flwr.supercore"}))
-_logger = logging.getLogger(__name__)
+OWN_IMPORTS = tuple(sorted({module for obj in list(globals().values())
+                            if (module := getattr(obj, "__module__", None) or "").startswith("flwr")}))
 
 
 def run_clientapp_task(runtime_api_address: str, token: str, insecure: bool, certificates: bytes | None,
