@@ -32,8 +32,14 @@ RUN_CONFIG: dict[str, bool | int | float | str] = {
 }
 
 
-def _kill_a_clientapp_in_round_2(executor_pid: int, metrics: Path, killed: list[int], stop: threading.Event) -> None:
-    """Once round 1 is in metrics.csv, SIGKILL the first ClientApp process node 1's fork server forks."""
+def _kill_a_clientapp_in_round_2(executor_pid: int, metrics: Path, cache: Path, killed: list[int],
+                                  stop: threading.Event) -> None:
+    """Once round 1 is in metrics.csv, SIGKILL node 1's next ClientApp process while it works on its message.
+
+    "While it works": the process has mapped the node's data cache, which the app's client does only
+    after Flower handed it the message (a process killed before it took the message would leave the
+    message unanswered, a different failure).
+    """
     executor = psutil.Process(executor_pid)
     while not stop.is_set():
         if metrics.exists() and (pd.read_csv(metrics)["round"] >= 1).any():
@@ -42,13 +48,13 @@ def _kill_a_clientapp_in_round_2(executor_pid: int, metrics: Path, killed: list[
     while not stop.is_set() and not killed:
         for server in executor.children():  # the fork server; each of its children runs one message
             for child in server.children():
-                stop.wait(0.2)  # past its start: it has taken the message
                 try:
-                    child.kill()
-                except psutil.NoSuchProcess:
+                    if str(cache) in Path(f"/proc/{child.pid}/maps").read_text():
+                        child.kill()
+                        killed.append(child.pid)
+                        return
+                except (OSError, psutil.Error):  # ended meanwhile
                     continue
-                killed.append(child.pid)
-                return
         stop.wait(0.02)
 
 
@@ -61,7 +67,8 @@ def test_a_killed_clientapp_process_fails_its_message_and_the_next_round_has_bot
         killed: list[int] = []
         stop = threading.Event()
         killer = threading.Thread(target=_kill_a_clientapp_in_round_2,
-                                  args=(group.procs["clientapp-1"].pid, out / "metrics.csv", killed, stop))
+                                  args=(group.procs["clientapp-1"].pid, out / "metrics.csv", tmp_path / "cache",
+                                        killed, stop))
         killer.start()
         try:
             run_app(group, connection, run_config_string(config), timeout=400)
