@@ -259,10 +259,18 @@ def poll_interval(value: float | None) -> float:
     return interval
 
 
+def min_task_age(value: float) -> float:
+    """``--min-task-age``: a number of seconds from 0 to 60."""
+    if not (math.isfinite(value) and 0.0 <= value <= 60.0):
+        raise ValueError(f"--min-task-age must be a number of seconds from 0 to 60, got {value!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> None:
     """The SuperExec loop (as ``flower-superexec``'s): acquire a task, launch it, sleep, again."""
     try:
         interval = poll_interval(args.poll_interval)
+        min_age = min_task_age(args.min_task_age)
         executor = WarmExecutor(preload=[m for m in args.preload.split(",") if m], warm=not args.cold)
         secret = (load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
                   if args.superexec_auth_secret_file else None)
@@ -304,7 +312,7 @@ def run(args: argparse.Namespace) -> None:
                                                              agentapp_fab_hashes=fab_hashes))
             if response.HasField("task") and response.token:
                 task = response.task
-                wait = (launch_delay(task.pending_at, args.min_task_age)
+                wait = (launch_delay(task.pending_at, min_age)
                         if executor.warm and task.type in WARM_TASK_TYPES else 0.0)
                 if wait > 0:
                     due.append((time.monotonic() + wait, response.token, task))

@@ -17,6 +17,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from hypothesis import strategies as st
 
 from deploy import superexec
 from deploy.local import wait_until
-from deploy.superexec import WarmExecutor, launch_delay, parser, poll_interval
+from deploy.superexec import WarmExecutor, launch_delay, min_task_age, parser, poll_interval
 from tests import superexec_targets
 
 PRELOAD = ("json",)  # small: the fork server starts in well under a second
@@ -233,6 +235,26 @@ def test_a_poll_interval_out_of_range_is_refused(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(superexec.POLL_INTERVAL_ENV, value)
     with pytest.raises(ValueError, match=r"0\.01 to 60.*FLWR_SUPEREXEC_TASK_POLL_INTERVAL"):
         poll_interval(None)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "61"])
+def test_a_min_task_age_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match=r"--min-task-age must be a number of seconds from 0 to 60"):
+        min_task_age(parser().parse_args(["--runtime-api-address=a:1", f"--min-task-age={value}"]).min_task_age)
+    assert min_task_age(0.0) == 0.0 and min_task_age(60.0) == 60.0
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--min-task-age=inf", "--min-task-age must be a number of seconds from 0 to 60"),
+    ("--poll-interval=0", "the task poll interval must be a number of seconds from 0.01 to 60"),
+    ("--preload=json,no_such_module_xyz", "--preload names modules that are not installed: no_such_module_xyz"),
+])
+def test_the_command_refuses_a_bad_flag_with_its_reason(flag: str, message: str) -> None:
+    """Before it starts anything: no fork server, no connection to the Runtime API."""
+    proc = subprocess.run([sys.executable, str(Path(superexec.__file__)), "--insecure",
+                           "--runtime-api-address=127.0.0.1:1", flag], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_the_flags_of_flower_superexec_that_compose_uses_parse_the_same() -> None:
