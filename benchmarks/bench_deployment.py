@@ -218,14 +218,9 @@ def _simulation(group: Cluster, nodes: int, config: dict[str, Any], project: Pat
     return run_app(group, "sim", run_config_string(config), timeout=3600, project=project)
 
 
-def _insecure(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
-    connection = start_local_deployment(group, nodes)
-    return run_app(group, connection, run_config_string(config), timeout=3600, project=project)
-
-
-def _warm(group: Cluster, nodes: int, config: dict[str, Any], project: Path) -> Process:
-    """README's one-machine deployment with ``--isolation process``, each SuperNode beside a ``flower-app-superexec``."""
-    connection = start_local_deployment(group, nodes, warm=True)
+def _insecure(group: Cluster, nodes: int, config: dict[str, Any], project: Path, warm: bool = False) -> Process:
+    """README's one-machine deployment; ``warm``: each SuperNode in ``--isolation process`` beside a ``flower-app-superexec``."""
+    connection = start_local_deployment(group, nodes, warm=warm)
     return run_app(group, connection, run_config_string(config), timeout=3600, project=project)
 
 
@@ -257,10 +252,8 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
     with cluster(work, extra_env) as group:
         if setting == "simulation":
             _simulation(group, nodes, config, project)
-        elif setting.startswith("insecure"):
-            _insecure(group, nodes, config, project)
-        elif setting == "warm":
-            _warm(group, nodes, config, project)
+        elif setting.startswith("insecure") or setting == "warm":
+            _insecure(group, nodes, config, project, warm=setting == "warm")
         else:
             _secure(group, nodes, config, work, project)
         wall = time.perf_counter() - started

@@ -148,14 +148,16 @@ class WarmExecutor:
                 self.ensure_server(wait=True)
 
     # -- Flower's Executor protocol -------------------------------------------------------------
+    # Capacity is Flower's subprocess executor's: no gate, a warm start is a process like a cold one.
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
-        del insecure, root_certificates_path
-        return supported_task_types, set()
+        return self.cold.get_eligible_capacity(supported_task_types, insecure=insecure,
+                                               root_certificates_path=root_certificates_path)
 
     def wait_for_capacity(self, task_type: TaskType | None = None, *, fab_hash: str | None = None,
                           insecure: bool = False, root_certificates_path: str | None = None) -> None:
-        del task_type, fab_hash, insecure, root_certificates_path
+        self.cold.wait_for_capacity(task_type, fab_hash=fab_hash, insecure=insecure,
+                                    root_certificates_path=root_certificates_path)
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if self.warm and spec.task_type in WARM_TASK_TYPES:
