@@ -96,7 +96,7 @@ from deploy.local import (
 )
 
 log = logging.getLogger("bench_deployment")
-SETTINGS = ("simulation", "insecure", "insecure-separate", "warm", "secure", "secure-poll-0.1")
+SETTINGS = ("simulation", "insecure", "insecure-separate", "warm", "warm-per-tensor", "secure", "secure-poll-0.1")
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE_REF = "966ad3b"  # main before issue 12 (the merge of branch 'strat')
 PROBE = ROOT / "benchmarks" / "clientapp_probe.py"
@@ -244,6 +244,8 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
     config = {**_default_config(rounds, nodes, out, tree, work), **(extra or {})}
     if setting == "insecure-separate":
         config["federated-evaluation"] = "separate"
+    if setting == "warm-per-tensor":  # the packed-arrays lever off: one Flower Array per tensor, as Flower's format
+        config["pack-arrays"] = False
     extra_env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"} if setting == "secure-poll-0.1" else {}
     if setting != "simulation":
         extra_env.update(probe_env(work))
@@ -252,15 +254,16 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
     with cluster(work, extra_env) as group:
         if setting == "simulation":
             _simulation(group, nodes, config, project)
-        elif setting.startswith("insecure") or setting == "warm":
-            _insecure(group, nodes, config, project, warm=setting == "warm")
+        elif setting.startswith(("insecure", "warm")):
+            _insecure(group, nodes, config, project, warm=setting.startswith("warm"))
         else:
             _secure(group, nodes, config, work, project)
         wall = time.perf_counter() - started
         metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").exists() else pd.DataFrame()
         phases = phase_table(group) if setting != "simulation" else pd.DataFrame()
-        messages = (warm_records(group) if setting == "warm" else message_records(group, work / "probe")
+        messages = (warm_records(group) if setting.startswith("warm") else message_records(group, work / "probe")
                     if setting != "simulation" else pd.DataFrame())
+        cpu = cpu_seconds(group)  # before the processes end
     if metrics.empty or metrics["round"].max() != rounds:
         raise RuntimeError(f"{tree.label} {setting}: the run did not finish its {rounds} rounds; logs in {work / 'logs'}")
     trained = metrics[metrics["round"] > 0]
@@ -272,6 +275,8 @@ def run_setting(setting: str, rounds: int, nodes: int, work: Path, tree: Tree, p
         "all_rounds_mean_s": float(trained["seconds"].mean()),
         "final_central_accuracy": float(trained["central_accuracy"].iloc[-1]),
         "wall_s": wall, "load_before": load_before, "load_after": load(),
+        # CPU seconds a round (the whole run's over its rounds) of Flower's long-lived processes
+        **{f"{kind}_cpu_s_per_round": seconds / rounds for kind, seconds in cpu.items()},
     }
     if model_bytes:
         seconds = mean_later if math.isfinite(mean_later) else summary["all_rounds_mean_s"]
@@ -305,6 +310,23 @@ def stock_flower_row(model: str, rounds: int, work: Path, model_bytes: int) -> d
             "first_round_s": float(fits["phase_s"].iloc[0]), "later_rounds_mean_s": later,
             "all_rounds_mean_s": float(fits["phase_s"].mean()), "load_before": load_before, "load_after": load(),
             "model_mb": model_bytes / 1e6, "useful_gb_per_s": 4 * model_bytes / later / 1e9}
+
+
+def cpu_seconds(group: Cluster) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the cluster's SuperLink, SuperNodes and executors, by kind."""
+    tick = os.sysconf("SC_CLK_TCK")
+    kinds = {"superlink": "superlink", "supernode": "supernodes", "clientapp": "executors"}
+    out: dict[str, float] = {}
+    for name, proc in group.procs.items():
+        kind = next((label for prefix, label in kinds.items() if name.startswith(prefix)), None)
+        if kind is None:
+            continue
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 # ------------------------------------------------------------------------------ the timeline
@@ -578,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per setting (default 4; --quick 3)")
     parser.add_argument("--supernodes", default=None, help="comma-separated counts (default 2,10; --quick 2)")
     parser.add_argument("--settings", default=None,
-                        help=f"comma-separated subset of {', '.join(SETTINGS)} (default simulation,insecure,insecure-separate)")
+                        help=f"comma-separated subset of {', '.join(SETTINGS)} (default simulation,insecure,insecure-separate,warm,warm-per-tensor)")
     parser.add_argument("--models", default=None, help="large models, comma-separated of mlp-stack-10m, mlp-stack-100m, "
                         "or none (default both; --quick mlp-stack-10m)")
     parser.add_argument("--baseline", default=BASELINE_REF,
@@ -593,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 4)
     counts = [int(n) for n in (args.supernodes or ("2" if args.quick else "2,10")).split(",")]
-    settings = [s.strip() for s in (args.settings or "simulation,insecure,insecure-separate,warm").split(",")
+    settings = [s.strip() for s in (args.settings or "simulation,insecure,insecure-separate,warm,warm-per-tensor").split(",")
                 if s.strip()]
     models = [m for m in (args.models or ("mlp-stack-10m" if args.quick else "mlp-stack-10m,mlp-stack-100m")).split(",")
               if m and m != "none"]
@@ -620,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for nodes in counts:
             for setting in settings:
                 for tree in trees:
-                    if setting in ("insecure-separate", "warm") and not tree.has_speed_keys:
+                    if setting in ("insecure-separate", "warm", "warm-per-tensor") and not tree.has_speed_keys:
                         continue  # the baseline's only mode is 'insecure'
                     log.info("%s %s: %d SuperNodes, %d rounds (load %.1f) ...", tree.label, setting, nodes, rounds, load())
                     result = run_setting(setting, rounds, nodes, root / f"{tree.label}-{setting}-{nodes}", tree)
@@ -726,6 +748,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lever(f"warm ClientApp processes ({nodes_} SuperNodes)", float(fit_mode.iloc[0]),
                           float(warm_mode.iloc[0]), "deployed round (after round 1): flower-superexec (a new flwr-clientapp "
                           "a message) vs flower-app-superexec (forked from a warm fork server)")
+                per_tensor = sel[sel["setting"] == "warm-per-tensor"]["later_rounds_mean_s"]
+                if len(per_tensor) and len(warm_mode):
+                    lever(f"packed arrays ({nodes_} SuperNodes)", float(per_tensor.iloc[0]), float(warm_mode.iloc[0]),
+                          "deployed round (after round 1), warm: pack-arrays false (one Flower Array a tensor) vs true")
             phases = tables["phases"]
             if base is not None and not phases.empty and max(counts) > (os.cpu_count() or 1) + 4:
                 big = max(counts)

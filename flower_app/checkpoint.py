@@ -95,8 +95,8 @@ CHANGEABLE_ON_RESUME: tuple[str, ...] = (
     "output-dir", "checkpoint-every", "lora-dropout", "client-optimizer", "tensorboard",
     "model-cache-dir", "answer-scoring", "gradient-checkpointing", "max-local-steps",
     "max-count-ratio", "max-update-norm-ratio",
-    # speed (issue 12): where federated evaluation happens, and the nodes' data cache
-    "federated-evaluation", "data-cache", "data-cache-dir",
+    # speed (issue 12): where federated evaluation happens, the nodes' data cache, how arrays travel
+    "federated-evaluation", "data-cache", "data-cache-dir", "pack-arrays",
     "round-deadline", "over-selection", "async-concurrency", "async-buffer-size",
     "staleness-weighting", "staleness-exponent", "staleness-cutoff", "max-staleness", "device-work-budget",
     # personalization: the personal training's settings

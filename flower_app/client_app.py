@@ -18,7 +18,6 @@ from which the server's scheduler times it on a simulated device.
 
 from __future__ import annotations
 
-import io
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -36,7 +35,6 @@ from flwr.common import (
     FitRes,
     GetParametersIns,
     GetParametersRes,
-    Parameters,
     RecordDict,
     Scalar,
     Status,
@@ -87,7 +85,7 @@ from strategies import get_rule
 from strategies.client_rules import fedsgd_payload, scaffold_control_update, scaffold_correction
 from strategies.compression import compress, wire_nbytes
 from strategies.evaluation import EVALUATE_BEFORE_FIT, fit_evaluation_metrics
-from strategies.serde import views
+from strategies.wire import from_parameters, is_packed, to_parameters
 
 CONTROL_KEY = "scaffold-control"  # this client's SCAFFOLD control variate c_i
 RESIDUAL_KEY = "compression-residual"  # what compression has not sent yet (error feedback)
@@ -362,49 +360,38 @@ def build_client(context: Context) -> FlowerClient:
 
 
 # ------------------------------------------------------------------------- arrays to and from Flower
-def npy_bytes(array: np.ndarray) -> bytes:
-    """``array`` as the bytes of an ``.npy`` file, as `flwr.common.ndarray_to_bytes` writes it, copying the data once.
-
-    (Flower's own writes into a `BytesIO` and then copies its buffer out: two copies of the data.)
-    """
-    a = np.require(array, requirements="C")
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
-    return b"".join((head.getvalue(), a.reshape(-1).view(np.uint8).data if a.size else b""))
-
-
-def to_parameters(arrays: NDArrays) -> Parameters:
-    return Parameters(tensors=[npy_bytes(a) for a in arrays], tensor_type="numpy.ndarray")
-
-
 class ArrayClient(Client):
     """The legacy `Client` face of a `FlowerClient`, without the copies of `NumPyClient.to_client()`.
 
-    Received arrays are read-only views of the message's bytes (`strategies.serde.views`; set_weights
-    copies them into the model once) instead of `np.load` copies; sent arrays are the model's own
-    tensors (`task.get_weights` views) written into the reply's bytes once (`npy_bytes`). Results are
-    checked as Flower's wrapper checks them.
+    Received arrays are read-only views of the message's bytes (`strategies.serde.from_parameters`;
+    set_weights copies them into the model once) instead of `np.load` copies; sent arrays are the
+    model's own tensors (`task.get_weights` views) written into the reply's bytes once. A reply is
+    packed into one buffer (`strategies.serde.pack`) when the server's message was, except under
+    SecAgg+, whose mod masks each array of the reply. Results are checked as Flower's wrapper checks them.
     """
 
     def __init__(self, numpy_client: NumPyClient) -> None:
         self.numpy_client = numpy_client
+        self.may_pack = True
         if isinstance(numpy_client, FlowerClient):
             numpy_client.send_views = True  # its arrays are written into the reply before the model changes
+            self.may_pack = not numpy_client.cfg.secure_aggregation
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
         arrays = self.numpy_client.get_parameters(dict(ins.config))
         return GetParametersRes(status=Status(code=Code.OK, message="Success"), parameters=to_parameters(arrays))
 
     def fit(self, ins: FitIns) -> FitRes:
-        result = self.numpy_client.fit(views(ins.parameters.tensors), dict(ins.config))
+        result = self.numpy_client.fit(from_parameters(ins.parameters), dict(ins.config))
         if not (len(result) == 3 and isinstance(result[0], list) and isinstance(result[1], int) and isinstance(result[2], dict)):
             raise TypeError("FlowerClient.fit must return (list of arrays, int, dict)")
         arrays, num_examples, metrics = result
-        return FitRes(status=Status(code=Code.OK, message="Success"), parameters=to_parameters(arrays),
+        packed = self.may_pack and is_packed(ins.parameters)
+        return FitRes(status=Status(code=Code.OK, message="Success"), parameters=to_parameters(arrays, packed),
                       num_examples=num_examples, metrics=metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        result = self.numpy_client.evaluate(views(ins.parameters.tensors), dict(ins.config))
+        result = self.numpy_client.evaluate(from_parameters(ins.parameters), dict(ins.config))
         if not (len(result) == 3 and isinstance(result[0], float) and isinstance(result[1], int) and isinstance(result[2], dict)):
             raise TypeError("FlowerClient.evaluate must return (float, int, dict)")
         loss, num_examples, metrics = result

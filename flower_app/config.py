@@ -414,6 +414,10 @@ class AppConfig:
     data_cache_dir: str = _opt(
         "", "folder of the clients' prepared data (node-config data-cache-dir overrides; '' = ~/.cache/flower_app/prepared)"
     )
+    pack_arrays: bool = _opt(
+        True, "each message's arrays travel as one packed buffer, not one Flower Array per tensor (fewer transport "
+        "requests a message; off under secure-aggregation, whose mod masks each array)"
+    )
     # --- scheduling and heterogeneous devices (flower_app/scheduler.py; README "Heterogeneous devices") ---
     mode: str = _opt(
         "sync", "sync: rounds; async: FedBuff, buffered asynchronous aggregation (Nguyen et al. 2022)",

@@ -20,11 +20,13 @@ import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.client import ClientApp, NumPyClient
-from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, EvaluateRes, FitRes, Status
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid
+
+from strategies.wire import from_parameters, is_packed, to_parameters
 
 
 class LocalProxy(ClientProxy):
@@ -35,11 +37,12 @@ class LocalProxy(ClientProxy):
         self.client = client
 
     def fit(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        arrays, n, metrics = self.client.fit(parameters_to_ndarrays(ins.parameters), ins.config)
-        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics)
+        # as the ClientApp's `ArrayClient`: the reply in the format of the request (copies, as np.load makes)
+        arrays, n, metrics = self.client.fit([a.copy() for a in from_parameters(ins.parameters)], ins.config)
+        return FitRes(Status(Code.OK, ""), to_parameters(arrays, is_packed(ins.parameters)), n, metrics)
 
     def evaluate(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
-        loss, n, metrics = self.client.evaluate(parameters_to_ndarrays(ins.parameters), ins.config)
+        loss, n, metrics = self.client.evaluate([a.copy() for a in from_parameters(ins.parameters)], ins.config)
         return EvaluateRes(Status(Code.OK, ""), loss, n, metrics)
 
     def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]

@@ -127,6 +127,7 @@ def strategy_options(cfg: AppConfig) -> StrategyOptions:
         federated_evaluation="separate" if get_mode(cfg.mode).asynchronous and cfg.federated_evaluation == "fit" else cfg.federated_evaluation,
         num_rounds=cfg.num_server_rounds,
         over_selection=cfg.over_selection,
+        pack_arrays=cfg.pack_arrays and not cfg.secure_aggregation,  # SecAgg+'s mod masks each array of a reply
     )
 
 

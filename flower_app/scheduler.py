@@ -57,7 +57,6 @@ from flwr.common import (
     MessageType,
     Parameters,
     Scalar,
-    ndarrays_to_parameters,
 )
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
@@ -590,7 +589,7 @@ class FedBuff:
 
     def _parameters(self, version: int, weights: NDArrays) -> Parameters:
         if self._params is None or self._params[0] != version:
-            self._params = (version, ndarrays_to_parameters(weights))
+            self._params = (version, self.strategy.parameters_of(weights))
         return self._params[1]
 
     def _send(self, flight: InFlight, weights: NDArrays) -> None:
@@ -598,7 +597,7 @@ class FedBuff:
         if flight.repeat:
             config[REPEAT_KEY] = flight.repeat
         parameters = self._parameters(flight.version, weights) if flight.version == self.version else \
-            ndarrays_to_parameters(weights)
+            self.strategy.parameters_of(weights)
         (mid,) = self.transport.push([(flight.node_id, FitIns(parameters, config))], str(flight.version + 1), self.ttl)
         flight.download_bytes = _nbytes(parameters)
         record = self.strategy.open_round(self.step + 1)
@@ -734,7 +733,7 @@ class FedBuff:
         self.counts = {"dropped": 0, "stale": 0}
         self.state.versions[self.version] = self.strategy.weights
         self._release_versions()
-        parameters = aggregated if aggregated is not None else ndarrays_to_parameters(self.strategy.weights)
+        parameters = aggregated if aggregated is not None else self.strategy.parameters_of(self.strategy.weights)
         self.strategy.evaluate(self.step, parameters)
         if self.step == self.num_steps and self.options.fraction_evaluate > 0:
             evaluate_round(self.transport, self.strategy, self.manager, self.step, parameters, self.ttl)

@@ -44,6 +44,7 @@ from strategies.privacy import (
     update_noise_multiplier,
 )
 from strategies.serde import ndarray_view
+from strategies.wire import from_parameters, is_packed, to_parameters
 
 
 @dataclass
@@ -271,13 +272,17 @@ def _split_clipping_bits(results: FitResults) -> tuple[FitResults, list[float]]:
     for proxy, res in results:
         tensors = res.parameters.tensors
         try:
-            bit = ndarray_view(tensors[-1])
+            packed = is_packed(res.parameters)
+            arrays = from_parameters(res.parameters) if packed else [ndarray_view(tensors[-1])]
+            bit = arrays[-1]
             if bit.size != 1:
                 raise ValueError(f"expected a 1-element clipping bit, got shape {bit.shape}")
         except (IndexError, ValueError) as err:
             log(WARNING, "client %s sent no usable clipping bit (%s); its update is left out", proxy.cid, err)
             continue
         bits.append(float(bit.reshape(-1)[0]))
-        res.parameters = Parameters(tensors=list(tensors[:-1]), tensor_type=res.parameters.tensor_type)
+        # the update without its bit, in the format it came in (a packed one is packed again: one copy)
+        res.parameters = to_parameters(arrays[:-1], packed=True) if packed else \
+            Parameters(tensors=list(tensors[:-1]), tensor_type=res.parameters.tensor_type)
         kept.append((proxy, res))
     return kept, bits

@@ -48,7 +48,6 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
-    ndarrays_to_parameters,
 )
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
@@ -73,7 +72,6 @@ from strategies.optimizers import ServerOptHParams, ServerOptState, get_server_o
 from strategies.scaffold import ScaffoldState, scaffold_init, scaffold_update_control
 from strategies.scheduling import cohort_size, over_selected
 from strategies.selection import BestRound, best_state_dict, load_best_state, selection_metric, update_best
-from strategies.serde import views
 from strategies.streaming import StreamingMean, finite_weighted_mean
 from strategies.tensors import all_finite, l2_norm
 from strategies.validation import (
@@ -87,6 +85,7 @@ from strategies.validation import (
     metric_kind,
     norm_bound,
 )
+from strategies.wire import from_parameters, to_parameters
 
 NDArrays = list[np.ndarray]
 CONTROL_STATE_KEY = "scaffold"  # the server control variate (rules with RuleSpec.scaffold)
@@ -122,6 +121,9 @@ class StrategyOptions:
     federated_evaluation: str = "separate"  # "fit" | "separate" | "none"
     num_rounds: int = 0  # rounds of the run, resumed ones included ("fit": one evaluate round after the last; 0 = none)
     over_selection: float = 1.0  # sample ceil(cohort x this) clients for fit (`strategies.scheduling.over_selected`)
+    # Messages' arrays packed into one buffer (`strategies.serde.pack`): fewer objects for Flower's transport.
+    # Off by default: a stock NumPyClient reads only Flower's one-.npy-per-array format; the app's clients read both.
+    pack_arrays: bool = False
 
 
 def _central_extras(metrics: Mapping[str, Scalar]) -> dict[str, float]:
@@ -309,7 +311,7 @@ class FederatedStrategy(Strategy):
 
     # -------------------------------------------------------------------- Flower interface
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return ndarrays_to_parameters(self.weights)
+        return self.parameters_of(self.weights)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -387,7 +389,7 @@ class FederatedStrategy(Strategy):
         if not clients:
             self._finish_round()  # Flower skips aggregate_evaluate when nobody evaluates
             return []
-        params = ndarrays_to_parameters(self.weights)
+        params = self.parameters_of(self.weights)
         record.bytes_sent += _nbytes(params) * len(clients)
         config: dict[str, Scalar] = {"server-round": record.round, **self._round_config(), **self.client_config}
         return [(c, EvaluateIns(params, dict(config))) for c in clients]
@@ -465,8 +467,12 @@ class FederatedStrategy(Strategy):
     def fit_parameters(self) -> Parameters:
         """What a client trains from: the global weights (and SCAFFOLD's control variate after them)."""
         if self.scaffold_state is not None:
-            return ndarrays_to_parameters(self.weights + self.scaffold_state.control)
-        return ndarrays_to_parameters(self.weights)
+            return self.parameters_of(self.weights + self.scaffold_state.control)
+        return self.parameters_of(self.weights)
+
+    def parameters_of(self, arrays: Sequence[np.ndarray]) -> Parameters:
+        """``arrays`` as Flower `Parameters` for a message: packed into one buffer with ``options.pack_arrays``."""
+        return to_parameters(arrays, self.options.pack_arrays)
 
     @property
     def record(self) -> RoundRecord | None:
@@ -521,7 +527,7 @@ class FederatedStrategy(Strategy):
         self.cohort = (len(clients), len(clients))  # the scheduler closes the round at this many replies
         config: dict[str, Scalar] = {"server-round": 0, **self.round_config, **self.client_config,
                                      **self.statistics.fit_config()}
-        empty = ndarrays_to_parameters([])
+        empty = self.parameters_of([])
         log(INFO, "statistics round: asking %d of %d clients for statistics of their data", len(clients),
             self._num_available)
         return [(c, FitIns(empty, dict(config))) for c in clients]
@@ -536,7 +542,7 @@ class FederatedStrategy(Strategy):
         replies: list[StatisticsReply] = []
         for proxy, res in results:
             try:
-                arrays: NDArrays = views(res.parameters.tensors)
+                arrays: NDArrays = from_parameters(res.parameters)
             except Exception as err:  # noqa: BLE001 - one client can never crash the server
                 log(WARNING, "statistics round: rejected the statistics of client %s: %s", proxy.cid, _describe_error(err))
                 arrays = []
@@ -646,7 +652,7 @@ class FederatedStrategy(Strategy):
         record.train_loss = fit_metrics.pop("train_loss", math.nan)
         record.train_accuracy = fit_metrics.pop("train_accuracy", math.nan)
         record.extra.update({f"fit_{k}": v for k, v in fit_metrics.items()})
-        return ndarrays_to_parameters(self.weights), {k: v for k, v in fit_metrics.items()}
+        return self.parameters_of(self.weights), {k: v for k, v in fit_metrics.items()}
 
     def _ensure_record(self, server_round: int) -> RoundRecord:
         rnd = server_round + self.start_round
@@ -713,7 +719,7 @@ class FederatedStrategy(Strategy):
 
     def _split(self, res: FitRes) -> tuple[NDArrays, NDArrays]:
         """The received payload (zero-copy views) and SCAFFOLD control deltas (empty otherwise)."""
-        arrays = views(res.parameters.tensors)
+        arrays = from_parameters(res.parameters)
         extras: NDArrays = []
         if self.rule.scaffold:
             n = sum(self.trainable)

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("flower_app", "strategies", "datasets", "deploy", "benchmarks")
-SHELL = {"strategies.base", "strategies.hooks"}  # the Flower shell around the pure rules
+SHELL = {"strategies.base", "strategies.hooks", "strategies.wire"}  # the Flower shell around the pure rules
 # Flower imports a pure module may make, with the reason: the RDP accountant is Flower's (dp-accounting).
 ALLOWED_FLWR = {("strategies.privacy", "flwr.serverapp")}
 

@@ -29,12 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from flower_app.client_app import ArrayClient, client_fn, npy_bytes
+from flower_app.client_app import ArrayClient, client_fn
 from flower_app.config import parse_run_config
 from flower_app.server_app import CohortClientManager, cohort_server, make_strategy, server_fn
 from flower_app.task import build_model, get_weights, weight_spec
 from strategies.base import FederatedStrategy, StrategyOptions
 from strategies.evaluation import EVALUATE_BEFORE_FIT
+from strategies.serde import npy_bytes
 from tests.strategy_utils import FakeProxy
 
 ROOT = Path(__file__).resolve().parents[1]
