@@ -482,8 +482,12 @@ import numpy as np, torch
 args = json.loads(sys.argv[1])
 sys.path.insert(0, args["bench"])
 from large_model_app import MLPStack, SIZES
-from flwr.common import FitIns
+from flwr.common import FitIns, Parameters
 import flower_app.client_app as ca
+try:
+    from strategies.serde import npy_bytes  # this tree
+except ImportError:
+    npy_bytes = ca.npy_bytes  # a baseline before the packed format, where it lived in client_app
 from flower_app.task import ModelInfo, weight_spec, get_weights
 width, blocks = SIZES[args["model"]]
 info = ModelInfo("classification", (60,), 10)
@@ -491,8 +495,8 @@ torch.manual_seed(0)
 model = MLPStack(60, 10, width, blocks)
 spec = weight_spec(model)
 rng = np.random.default_rng(1)
-tensors = [ca.npy_bytes(rng.standard_normal(s, dtype=np.float32)) for s in spec.shapes]  # one array alive at a time
-ins = FitIns(ca.Parameters(tensors=tensors, tensor_type="numpy.ndarray"), {"server-round": 1})  # what Flower hands over
+tensors = [npy_bytes(rng.standard_normal(s, dtype=np.float32)) for s in spec.shapes]  # one array alive at a time
+ins = FitIns(Parameters(tensors=tensors, tensor_type="numpy.ndarray"), {"server-round": 1})  # what Flower hands over
 del tensors
 
 class Holder(ca.NumPyClient):  # the client's own conversions only: load the model, send it back

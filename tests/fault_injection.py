@@ -17,7 +17,7 @@ import numpy as np
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context, Scalar
 
-from flower_app.client_app import FlowerClient, build_client
+from flower_app.client_app import ArrayClient, FlowerClient, build_client
 from flower_app.client_privacy import client_mods
 
 NDArrays = list[np.ndarray]
@@ -61,7 +61,9 @@ class FaultInjectingClient(NumPyClient):
 def client_fn(context: Context) -> Client:
     client = build_client(context)
     fault = str(context.node_config.get("fault", ""))
-    return (FaultInjectingClient(client, fault) if fault else client).to_client()
+    # ArrayClient, as the app's own ClientApp: it reads the server's packed arrays (pack-arrays), which
+    # Flower's NumPyClient.to_client() would not
+    return ArrayClient(FaultInjectingClient(client, fault) if fault else client)
 
 
 app = ClientApp(client_fn=client_fn, mods=client_mods())
