@@ -363,7 +363,7 @@ def build_client(context: Context) -> FlowerClient:
 class ArrayClient(Client):
     """The legacy `Client` face of a `FlowerClient`, without the copies of `NumPyClient.to_client()`.
 
-    Received arrays are read-only views of the message's bytes (`strategies.serde.from_parameters`;
+    Received arrays are read-only views of the message's bytes (`strategies.wire.from_parameters`;
     set_weights copies them into the model once) instead of `np.load` copies; sent arrays are the
     model's own tensors (`task.get_weights` views) written into the reply's bytes once. A reply is
     packed into one buffer (`strategies.serde.pack`) when the server's message was, except under

@@ -32,6 +32,7 @@ from tests.lora_utils import (
     write_sentences,
     write_stories,
 )
+from tests.strategy_utils import packed_nbytes
 
 ADAMW = {"client-optimizer": "adamw", "client-momentum": 0.0, "learning-rate": 0.01}
 
@@ -267,13 +268,17 @@ def test_compressed_lora_updates_and_the_bytes_each_client_sends(
     shapes = [tuple(s) for s in weight_spec(_global_model(cfg, strategy.weights)).shapes]
     numel = [int(np.prod(s)) for s in shapes]
     if codec == "none":
-        upload = sum(_npy_nbytes(np.zeros(s, np.float32)) for s in shapes)
+        sent = [np.zeros(s, np.float32) for s in shapes]
     elif codec == "int8":  # int8 values + one float32 scale per tensor
-        upload = sum(_npy_nbytes(np.zeros(n, np.int8)) + _npy_nbytes(np.zeros(1, np.float32)) for n in numel)
+        sent = [a for n in numel for a in (np.zeros(n, np.int8), np.zeros(1, np.float32))]
     else:  # int32 indices + float32 values of k = ceil(0.25 n) entries per tensor
         ks = [int(np.ceil(0.25 * n)) for n in numel]
-        upload = sum(_npy_nbytes(np.zeros(k, np.int32)) + _npy_nbytes(np.zeros(k, np.float32)) for k in ks)
-    download = sum(_npy_nbytes(np.zeros(s, np.float32)) for s in shapes)
+        sent = [a for k in ks for a in (np.zeros(k, np.int32), np.zeros(k, np.float32))]
+    # the wire's bytes: the arrays packed into one buffer (pack-arrays, the default)
+    assert cfg.pack_arrays
+    upload = packed_nbytes(sent)
+    download = packed_nbytes([np.zeros(s, np.float32) for s in shapes])
+    assert sum(_npy_nbytes(a) for a in sent) != upload  # (one .npy an array would be another count)
     for rnd in (1, 2, 3):
         assert metrics.loc[rnd, "bytes_received_per_client"] == upload
         assert metrics.loc[rnd, "bytes_received"] == 3 * upload

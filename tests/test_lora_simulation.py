@@ -6,7 +6,6 @@ files the run wrote.
 
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,9 @@ pytest.importorskip("peft")
 
 from tests.flwr_utils import run_simulation
 from tests.lora_utils import make_encoder, write_sentences
+from tests.strategy_utils import packed_nbytes
 
 pytestmark = pytest.mark.slow
-
-
-def _npy(shape: int | tuple[int, ...], dtype: type) -> int:
-    buffer = BytesIO()
-    np.save(buffer, np.zeros(shape, dtype))
-    return len(buffer.getvalue())
 
 
 def test_lora_with_int8_updates_through_flwr_run(flwr_home: Path, tmp_path: Path) -> None:
@@ -47,8 +41,9 @@ def test_lora_with_int8_updates_through_flwr_run(flwr_home: Path, tmp_path: Path
     assert (trained["results"] == 3).all() and (trained["failures"] == 0).all() and (trained["rejected"] == 0).all()
     # Adapters of 2 layers x (query, value), rank 4, width 32, plus the 2 x 32 head: int8 values and a scale each.
     shapes = [(4, 32), (32, 4)] * 4 + [(2, 32), (2,)]
-    upload = sum(_npy(int(np.prod(s)), np.int8) + _npy(1, np.float32) for s in shapes)
+    # The wire's bytes: the arrays packed into one buffer (pack-arrays, the default).
+    upload = packed_nbytes([a for s in shapes for a in (np.zeros(int(np.prod(s)), np.int8), np.zeros(1, np.float32))])
     assert (trained["bytes_received_per_client"] == upload).all()
-    assert (trained["bytes_sent_per_client"] == sum(_npy(s, np.float32) for s in shapes)).all()  # float32 down
+    assert (trained["bytes_sent_per_client"] == packed_nbytes([np.zeros(s, np.float32) for s in shapes])).all()  # float32 down
     assert frame["central_loss"].iloc[-1] < frame["central_loss"].iloc[0] - 0.1
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -255,3 +255,11 @@ def test_a_malformed_packed_reply_is_used_or_rejected_and_never_crashes_a_round(
     results.append((FakeProxy("evil"), evil))
     outcome, detail = classify_fit(strategy, results, "evil", reference, scale)
     assert outcome in ("handled", "clear_error"), f"{rule}/{aggregator}/{codec}/{kind}: {outcome}: {detail}"
+
+
+@FAST
+@given(st.lists(ARRAY, max_size=6))
+def test_the_packed_size_is_the_documented_layout(arrays: list[np.ndarray]) -> None:
+    from tests.strategy_utils import packed_nbytes
+
+    assert len(pack(arrays)) == packed_nbytes(arrays)

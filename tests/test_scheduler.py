@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.common import Context, RecordDict, parameters_to_ndarrays
+from flwr.common import Context, RecordDict
 
 from flower_app import client_app
 from flower_app.config import AppConfig, ConfigError, parse_run_config
@@ -30,6 +30,7 @@ from strategies import STRATEGIES
 from strategies.aggregators import AGGREGATORS
 from strategies.hooks import ClientUpdate, RoundRecord
 from strategies.profiles import DeviceProfile, busy_seconds, write_trace
+from strategies.wire import from_parameters
 
 pytestmark = pytest.mark.slow  # each test trains small models in-process for a few rounds
 
@@ -166,7 +167,7 @@ def test_fednova_normalizes_per_device_step_caps_from_node_config(tmp_path: Path
     tau_eff = float(p @ tau)
     for j, w in enumerate(w0):
         expected = w.astype(np.float64) + tau_eff * sum(
-            p[i] * (parameters_to_ndarrays(res.parameters)[j].reshape(w.shape).astype(np.float64) - w) / tau[i]
+            p[i] * (from_parameters(res.parameters)[j].reshape(w.shape).astype(np.float64) - w) / tau[i]
             for i, (_, res) in enumerate(results))
         np.testing.assert_allclose(strategy.weights[j], expected, rtol=1e-5, atol=1e-6)
 
