@@ -22,7 +22,10 @@ Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>
     ``secure-poll-0.1`` (executors polling every 0.1 s), and the branch's ``insecure-separate``
     (``federated-evaluation='separate'``: an evaluate message per client and round, as before) and
     ``warm`` (``insecure`` with ``--isolation process`` and ``deploy/superexec.py`` beside each
-    SuperNode: every ClientApp process forked from a warm fork server).
+    SuperNode: every ClientApp process forked from a warm fork server), and ``warm-per-tensor``
+    (``warm`` with ``pack-arrays=false``: one Flower Array a tensor instead of one packed buffer a
+    message). Each row also has the CPU seconds a round of the SuperLink, the SuperNodes and the
+    executors (their whole run's CPU time over its rounds).
 ``phases``
     per round and phase (fit, evaluate) from the processes' time-stamped logs: the wait until the
     first and the last SuperNode pull their message (SuperNodes poll every 3 s; the last pull also
@@ -47,10 +50,10 @@ Tables (each printed and written as ``benchmarks/results/deployment<tag>_<table>
 ``levers``
     each lever's gain as a ratio measured in this run: the client's own imports, the node's data
     cache, the hand-written SGD step (no ``torch._dynamo``), the thread policy (two clients training
-    at once), federated evaluation in the fit message (round seconds), the sender pool sized to the
-    cohort (the last SuperNode's pull with 10 SuperNodes), and the copies between torch, NumPy and
-    Flower's records for a 100M-parameter model (bytes written and peak memory of the client's
-    conversion path).
+    at once), federated evaluation in the fit message, warm processes and packed arrays (round
+    seconds), the sender pool sized to the cohort (the last SuperNode's pull with 10 SuperNodes),
+    and the copies between torch, NumPy and Flower's records for a 100M-parameter model (bytes
+    written and peak memory of the client's conversion path).
 ``models``
     10M- and 100M-parameter transformer-like MLP stacks (``benchmarks/large_model_app.py``), 2
     SuperNodes: seconds per round and useful GB/s (model bytes sent and received per round over the
