@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.bench_deployment import RESULTS, ROOT, Tree, load, run_setting
+from benchmarks.bench_deployment import RESULTS, ROOT, Tree, large_model_job, load, run_setting
 from benchmarks.large_model_app import large_app_dir, num_parameters
 
 CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
@@ -35,14 +35,12 @@ log = logging.getLogger("bench_chunks")
 
 def chunk_row(mib: float, rounds: int, work: Path) -> dict[str, Any]:
     """One deployment of the 100M model with chunks of ``mib`` MiB: seconds and CPU seconds a round."""
-    extra = {"model": MODEL, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200, "batch-size": 64,
-             "local-epochs": 1, "fraction-evaluate": 0.0}
     tree = Tree("branch", ROOT)
     app = large_app_dir(tree.path, work / "app")
     previous = os.environ.get(CHUNK_ENV)
     os.environ[CHUNK_ENV] = str(int(mib * 2**20))  # the deployment's processes inherit it
     try:
-        result = run_setting("warm", rounds, 2, work / "run", tree, project=app, extra=extra,
+        result = run_setting("warm", rounds, 2, work / "run", tree, project=app, extra=large_model_job(MODEL),
                              model_bytes=4 * num_parameters(MODEL))
     finally:
         if previous is None:

@@ -315,6 +315,12 @@ def stock_flower_row(model: str, rounds: int, work: Path, model_bytes: int) -> d
             "model_mb": model_bytes / 1e6, "useful_gb_per_s": 4 * model_bytes / later / 1e9}
 
 
+def large_model_job(model: str) -> dict[str, Any]:
+    """The run config of a large-model round (``benchmarks/large_model_app.py``'s ``model``, 2 clients)."""
+    return {"model": model, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200, "batch-size": 64,
+            "local-epochs": 1, "fraction-evaluate": 0.0}
+
+
 def cpu_seconds(group: Cluster) -> dict[str, float]:
     """CPU seconds (user + system) so far of the cluster's SuperLink, SuperNodes and executors, by kind."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -784,8 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 for model in models:
                     model_bytes = 4 * num_parameters(model)
-                    extra = {"model": model, "dataset": "synthetic", "num-partitions": 2, "num-samples": 200,
-                             "batch-size": 64, "local-epochs": 1, "fraction-evaluate": 0.0}
+                    extra = large_model_job(model)
                     model_trees = [branch] + ([base] if base is not None and model == models[-1] and not args.quick else [])
                     for tree in model_trees:
                         app = large_app_dir(tree.path, root / f"app-{tree.label}-{model}")

@@ -142,11 +142,12 @@ def unpack(blob: bytes) -> NDArrays:
         shape = entry[1]
         if not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 64:
             raise ValueError(f"packed array {index}: shape must be at most 64 non-negative integers, got {shape!r:.80}")
-        nbytes = math.prod(shape) * dtype.itemsize
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
         if offset + nbytes > len(view):
             raise ValueError(f"packed array {index}: {nbytes} bytes of {dtype} {tuple(shape)} do not fit the "
                              f"payload ({len(view) - min(offset, len(view))} bytes left)")
-        arrays.append(np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape))
+        arrays.append(np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape))
         offset = _padded(offset + nbytes)
     if offset != len(view):
         raise ValueError(f"packed-arrays payload of {len(view)} bytes does not end where its last array does "
